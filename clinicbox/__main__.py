@@ -1,0 +1,3 @@
+from clinicbox.cli import main
+
+raise SystemExit(main())

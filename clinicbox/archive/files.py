@@ -1,0 +1,112 @@
+"""The object store on disk: safe paths from UIDs, and the fsync/rename steps of the ingest rule.
+
+A file's place is derived from the SHA-256 of its SOP Instance UID (never the raw UID, which comes
+from the network): ``objects/ab/cd/abcd….dcm``.  Files in flight live in ``incoming/`` on the
+same filesystem, so moving one into place is a rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+OBJECTS = "objects"
+INCOMING = "incoming"
+HASH_CHUNK = 1 << 20
+
+
+def uid_key(sop_instance_uid: str) -> str:
+    """The hex SHA-256 of a SOP Instance UID: the object's file name stem."""
+    return hashlib.sha256(sop_instance_uid.encode("ascii", "surrogateescape")).hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path, offset: int = 0) -> str:
+    """SHA-256 of a file from ``offset`` on, read in chunks (never the whole file in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as fh:
+        fh.seek(offset)
+        buf = bytearray(HASH_CHUNK)
+        view = memoryview(buf)
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+class ObjectStore:
+    """Paths and durable moves for the files under one data dir."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = Path(data_dir)
+        self.objects = self.root / OBJECTS
+        self.incoming = self.root / INCOMING
+
+    def create_dirs(self) -> None:
+        for d in (self.root, self.objects, self.incoming):
+            d.mkdir(parents=True, exist_ok=True)
+        fsync_dir(self.root)
+
+    def relpath_for(self, sop_instance_uid: str) -> str:
+        """Path of the object for this UID, relative to the data dir (as kept in the index)."""
+        key = uid_key(sop_instance_uid)
+        return f"{OBJECTS}/{key[:2]}/{key[2:4]}/{key}.dcm"
+
+    def abspath(self, relpath: str) -> Path:
+        return self.root / relpath
+
+    def new_incoming(self, prefix: str = "rx-", suffix: str = ".part") -> tuple[int, Path]:
+        """A new temporary file in ``incoming/``: (fd open for writing, path)."""
+        fd, name = tempfile.mkstemp(dir=self.incoming, prefix=prefix, suffix=suffix)
+        return fd, Path(name)
+
+    def _ensure_parent(self, dest: Path) -> None:
+        """Create the two fan-out levels under objects/ durably (fsync each new directory's parent)."""
+        parent = dest.parent
+        if parent.is_dir():
+            return
+        for d in (parent.parent, parent):
+            try:
+                d.mkdir()
+            except FileExistsError:
+                continue
+            fsync_dir(d.parent)
+
+    def place(self, tmp: Path, relpath: str, *, already_synced: bool = False) -> Path:
+        """Move a file from incoming/ into its final place durably: fsync, rename, fsync dir.
+
+        Replaces whatever is at ``relpath`` atomically.
+        """
+        dest = self.abspath(relpath)
+        if not already_synced:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._ensure_parent(dest)
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+        return dest
+
+    def iter_objects(self):
+        """Yield the relative path of every object file on disk."""
+        if not self.objects.is_dir():
+            return
+        for first in os.scandir(self.objects):
+            if not first.is_dir():
+                continue
+            for second in os.scandir(first.path):
+                if not second.is_dir():
+                    continue
+                for entry in os.scandir(second.path):
+                    if entry.is_file() and entry.name.endswith(".dcm"):
+                        yield f"{OBJECTS}/{first.name}/{second.name}/{entry.name}"

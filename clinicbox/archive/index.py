@@ -1,0 +1,339 @@
+"""The SQLite index: schema by numbered migrations, the write statements the writer runs, and reads.
+
+WAL mode lets the console, the CLI and the DICOM handlers read while the one writer thread
+(:mod:`clinicbox.archive.writer`) commits.  Attributes C-FIND matches on are real columns; the
+rest of each object's non-bulk header is kept encoded in ``instances.header`` so answers need no
+file read.  Counts per patient/study/series are kept current by the write statements here.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+INDEX_FILE = "index.sqlite3"
+
+migrations = Migrations("clinicbox.archive")
+
+
+@migrations(name="0001_archive_core")
+def _m0001(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE patients (
+            id INTEGER PRIMARY KEY,
+            patient_id TEXT NOT NULL,
+            issuer_of_patient_id TEXT NOT NULL DEFAULT '',
+            patient_name TEXT NOT NULL DEFAULT '',
+            patient_birth_date TEXT NOT NULL DEFAULT '',
+            patient_sex TEXT NOT NULL DEFAULT '',
+            num_studies INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            UNIQUE (patient_id, issuer_of_patient_id)
+        );
+        CREATE INDEX patients_name ON patients (patient_name COLLATE NOCASE);
+
+        CREATE TABLE studies (
+            id INTEGER PRIMARY KEY,
+            study_instance_uid TEXT NOT NULL UNIQUE,
+            patient_pk INTEGER NOT NULL REFERENCES patients (id),
+            study_date TEXT NOT NULL DEFAULT '',
+            study_time TEXT NOT NULL DEFAULT '',
+            accession_number TEXT NOT NULL DEFAULT '',
+            study_id TEXT NOT NULL DEFAULT '',
+            study_description TEXT NOT NULL DEFAULT '',
+            referring_physician_name TEXT NOT NULL DEFAULT '',
+            modalities_in_study TEXT NOT NULL DEFAULT '',
+            num_series INTEGER NOT NULL DEFAULT 0,
+            num_instances INTEGER NOT NULL DEFAULT 0,
+            size_bytes INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        CREATE INDEX studies_patient ON studies (patient_pk);
+        CREATE INDEX studies_date ON studies (study_date);
+        CREATE INDEX studies_accession ON studies (accession_number);
+
+        CREATE TABLE series (
+            id INTEGER PRIMARY KEY,
+            series_instance_uid TEXT NOT NULL UNIQUE,
+            study_pk INTEGER NOT NULL REFERENCES studies (id),
+            modality TEXT NOT NULL DEFAULT '',
+            series_number INTEGER,
+            series_description TEXT NOT NULL DEFAULT '',
+            body_part_examined TEXT NOT NULL DEFAULT '',
+            series_date TEXT NOT NULL DEFAULT '',
+            series_time TEXT NOT NULL DEFAULT '',
+            station_name TEXT NOT NULL DEFAULT '',
+            manufacturer TEXT NOT NULL DEFAULT '',
+            institution_name TEXT NOT NULL DEFAULT '',
+            num_instances INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL
+        );
+        CREATE INDEX series_study ON series (study_pk);
+
+        CREATE TABLE instances (
+            id INTEGER PRIMARY KEY,
+            sop_instance_uid TEXT NOT NULL UNIQUE,
+            sop_class_uid TEXT NOT NULL,
+            series_pk INTEGER NOT NULL REFERENCES series (id),
+            instance_number INTEGER,
+            number_of_frames INTEGER,
+            content_date TEXT NOT NULL DEFAULT '',
+            content_time TEXT NOT NULL DEFAULT '',
+            document_title TEXT NOT NULL DEFAULT '',
+            specific_character_set TEXT NOT NULL DEFAULT '',
+            transfer_syntax_uid TEXT NOT NULL,
+            path TEXT NOT NULL UNIQUE,
+            size INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            header BLOB NOT NULL,
+            header_syntax TEXT NOT NULL,
+            received_at TEXT NOT NULL,
+            calling_ae TEXT NOT NULL DEFAULT '',
+            source TEXT NOT NULL DEFAULT 'network',
+            state TEXT NOT NULL DEFAULT 'ok'
+        );
+        CREATE INDEX instances_series ON instances (series_pk);
+
+        CREATE TABLE devices (
+            ae_title TEXT PRIMARY KEY,
+            host TEXT NOT NULL DEFAULT '',
+            port INTEGER,
+            role TEXT NOT NULL DEFAULT 'seen',
+            first_seen TEXT NOT NULL,
+            last_seen TEXT NOT NULL,
+            associations INTEGER NOT NULL DEFAULT 0
+        );
+        """
+    )
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def connect(path: Path, *, synchronous: str = "normal") -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL, with a busy timeout."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def migrate(path: Path) -> list[str]:
+    """Create or upgrade the index at ``path``; return the names of the migrations applied."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        db = Database(conn)
+        pending = [m.name for m in migrations.pending(db)]
+        migrations.apply(db)
+        return pending
+    finally:
+        conn.close()
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """Everything the writer needs to index one stored object."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    values: dict
+    transfer_syntax_uid: str
+    path: str
+    size: int
+    sha256: str
+    header: bytes
+    header_syntax: str
+    calling_ae: str
+    source: str
+
+
+def _int_or_none(text: str) -> int | None:
+    try:
+        return int(text.strip()) if text else None
+    except ValueError:
+        return None
+
+
+# --- write statements: run by the writer thread inside its batch transaction ---------------
+
+def _patient_pk(conn: sqlite3.Connection, v: dict, now: str) -> int:
+    key = (v.get("PatientID", ""), v.get("IssuerOfPatientID", ""))
+    row = conn.execute("SELECT id FROM patients WHERE patient_id=? AND issuer_of_patient_id=?", key).fetchone()
+    if row:
+        return row[0]
+    cur = conn.execute(
+        "INSERT INTO patients (patient_id, issuer_of_patient_id, patient_name, patient_birth_date,"
+        " patient_sex, created_at) VALUES (?,?,?,?,?,?)",
+        (*key, v.get("PatientName", ""), v.get("PatientBirthDate", ""), v.get("PatientSex", ""), now))
+    return cur.lastrowid
+
+
+def _study_pk(conn: sqlite3.Connection, v: dict, now: str) -> int:
+    row = conn.execute("SELECT id FROM studies WHERE study_instance_uid=?", (v["StudyInstanceUID"],)).fetchone()
+    if row:
+        return row[0]
+    patient_pk = _patient_pk(conn, v, now)
+    cur = conn.execute(
+        "INSERT INTO studies (study_instance_uid, patient_pk, study_date, study_time, accession_number,"
+        " study_id, study_description, referring_physician_name, created_at, updated_at)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?)",
+        (v["StudyInstanceUID"], patient_pk, v.get("StudyDate", ""), v.get("StudyTime", ""),
+         v.get("AccessionNumber", ""), v.get("StudyID", ""), v.get("StudyDescription", ""),
+         v.get("ReferringPhysicianName", ""), now, now))
+    conn.execute("UPDATE patients SET num_studies = num_studies + 1 WHERE id=?", (patient_pk,))
+    return cur.lastrowid
+
+
+def _series_pk(conn: sqlite3.Connection, v: dict, now: str) -> int:
+    row = conn.execute("SELECT id FROM series WHERE series_instance_uid=?", (v["SeriesInstanceUID"],)).fetchone()
+    if row:
+        return row[0]
+    study_pk = _study_pk(conn, v, now)
+    modality = v.get("Modality", "")
+    cur = conn.execute(
+        "INSERT INTO series (series_instance_uid, study_pk, modality, series_number, series_description,"
+        " body_part_examined, series_date, series_time, station_name, manufacturer, institution_name,"
+        " created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+        (v["SeriesInstanceUID"], study_pk, modality, _int_or_none(v.get("SeriesNumber", "")),
+         v.get("SeriesDescription", ""), v.get("BodyPartExamined", ""), v.get("SeriesDate", ""),
+         v.get("SeriesTime", ""), v.get("StationName", ""), v.get("Manufacturer", ""),
+         v.get("InstitutionName", ""), now))
+    row = conn.execute("SELECT modalities_in_study FROM studies WHERE id=?", (study_pk,)).fetchone()
+    mods = [m for m in row[0].split("\\") if m]
+    if modality and modality not in mods:
+        mods.append(modality)
+    conn.execute("UPDATE studies SET num_series = num_series + 1, modalities_in_study=?, updated_at=? WHERE id=?",
+                 ("\\".join(sorted(mods)), now, study_pk))
+    return cur.lastrowid
+
+
+def insert_instance(conn: sqlite3.Connection, rec: InstanceRecord) -> int:
+    """Index one stored object, creating its patient/study/series as needed; keep counts current."""
+    now = utcnow()
+    v = rec.values
+    series_pk = _series_pk(conn, v, now)
+    cur = conn.execute(
+        "INSERT INTO instances (sop_instance_uid, sop_class_uid, series_pk, instance_number,"
+        " number_of_frames, content_date, content_time, document_title, specific_character_set,"
+        " transfer_syntax_uid, path, size, sha256, header, header_syntax, received_at, calling_ae, source)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (rec.sop_instance_uid, rec.sop_class_uid, series_pk, _int_or_none(v.get("InstanceNumber", "")),
+         _int_or_none(v.get("NumberOfFrames", "")), v.get("ContentDate", ""), v.get("ContentTime", ""),
+         v.get("DocumentTitle", ""), v.get("SpecificCharacterSet", ""), rec.transfer_syntax_uid,
+         rec.path, rec.size, rec.sha256, rec.header, rec.header_syntax, now, rec.calling_ae, rec.source))
+    conn.execute("UPDATE series SET num_instances = num_instances + 1 WHERE id=?", (series_pk,))
+    conn.execute(
+        "UPDATE studies SET num_instances = num_instances + 1, size_bytes = size_bytes + ?, updated_at=?"
+        " WHERE id = (SELECT study_pk FROM series WHERE id=?)", (rec.size, now, series_pk))
+    return cur.lastrowid
+
+
+def delete_instance(conn: sqlite3.Connection, sop_instance_uid: str) -> None:
+    """Remove one instance row; drop its series/study/patient rows when they become empty."""
+    row = conn.execute(
+        "SELECT i.id, i.size, i.series_pk, s.study_pk, st.patient_pk FROM instances i"
+        " JOIN series s ON s.id = i.series_pk JOIN studies st ON st.id = s.study_pk"
+        " WHERE i.sop_instance_uid=?", (sop_instance_uid,)).fetchone()
+    if row is None:
+        return
+    inst_pk, size, series_pk, study_pk, patient_pk = row
+    conn.execute("DELETE FROM instances WHERE id=?", (inst_pk,))
+    conn.execute("UPDATE series SET num_instances = num_instances - 1 WHERE id=?", (series_pk,))
+    conn.execute("UPDATE studies SET num_instances = num_instances - 1, size_bytes = size_bytes - ?,"
+                 " updated_at=? WHERE id=?", (size, utcnow(), study_pk))
+    if conn.execute("SELECT num_instances FROM series WHERE id=?", (series_pk,)).fetchone()[0] <= 0:
+        conn.execute("DELETE FROM series WHERE id=?", (series_pk,))
+        mods = sorted({r[0] for r in conn.execute(
+            "SELECT modality FROM series WHERE study_pk=? AND modality != ''", (study_pk,))})
+        conn.execute("UPDATE studies SET num_series = num_series - 1, modalities_in_study=? WHERE id=?",
+                     ("\\".join(mods), study_pk))
+        if conn.execute("SELECT num_series FROM studies WHERE id=?", (study_pk,)).fetchone()[0] <= 0:
+            conn.execute("DELETE FROM studies WHERE id=?", (study_pk,))
+            conn.execute("UPDATE patients SET num_studies = num_studies - 1 WHERE id=?", (patient_pk,))
+            if conn.execute("SELECT num_studies FROM patients WHERE id=?", (patient_pk,)).fetchone()[0] <= 0:
+                conn.execute("DELETE FROM patients WHERE id=?", (patient_pk,))
+
+
+def set_instance_state(conn: sqlite3.Connection, path: str, state: str) -> None:
+    conn.execute("UPDATE instances SET state=? WHERE path=?", (state, path))
+
+
+def record_device_seen(conn: sqlite3.Connection, ae_title: str, host: str) -> bool:
+    """Note that ``ae_title`` called from ``host``; return True when this caller is new."""
+    now = utcnow()
+    cur = conn.execute("UPDATE devices SET last_seen=?, host=?, associations = associations + 1"
+                       " WHERE ae_title=?", (now, host, ae_title))
+    if cur.rowcount:
+        return False
+    conn.execute("INSERT INTO devices (ae_title, host, first_seen, last_seen, associations)"
+                 " VALUES (?,?,?,?,1)", (ae_title, host, now, now))
+    return True
+
+
+# --- reads ------------------------------------------------------------------------------------
+
+class Index:
+    """Read access to the index; one connection per thread, used only to read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = connect(self.path)
+        return conn
+
+    def instance(self, sop_instance_uid: str) -> sqlite3.Row | None:
+        return self.conn.execute(
+            "SELECT sop_instance_uid, sop_class_uid, path, size, sha256, transfer_syntax_uid, state"
+            " FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,)).fetchone()
+
+    def instance_paths(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT path FROM instances")}
+
+    def missing_paths(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT path FROM instances WHERE state='missing'")}
+
+    def studies(self, patient_id: str | None = None) -> list[dict]:
+        sql = ("SELECT p.patient_id, p.patient_name, p.patient_birth_date, p.patient_sex,"
+               " s.study_instance_uid, s.study_date, s.study_time, s.accession_number, s.study_description,"
+               " s.modalities_in_study, s.num_series, s.num_instances, s.size_bytes, s.updated_at"
+               " FROM studies s JOIN patients p ON p.id = s.patient_pk")
+        args: tuple = ()
+        if patient_id is not None:
+            sql += " WHERE p.patient_id = ?"
+            args = (patient_id,)
+        sql += " ORDER BY s.study_date DESC, s.study_time DESC, s.id DESC"
+        return [dict(r) for r in self.conn.execute(sql, args)]
+
+    def counts(self) -> dict[str, int]:
+        c = self.conn
+        return {
+            "patients": c.execute("SELECT count(*) FROM patients").fetchone()[0],
+            "studies": c.execute("SELECT count(*) FROM studies").fetchone()[0],
+            "series": c.execute("SELECT count(*) FROM series").fetchone()[0],
+            "instances": c.execute("SELECT count(*) FROM instances").fetchone()[0],
+        }
+
+    def devices(self) -> list[dict]:
+        return [dict(r) for r in self.conn.execute("SELECT * FROM devices ORDER BY ae_title")]
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None

@@ -1,0 +1,243 @@
+"""The archive room's front door: store one object durably, then index it, then say so.
+
+:class:`Archive` is what the DICOM store handler, ``clinicbox import`` and start-up repair call.
+The ingest rule (DESIGN.md section 4) lives here and only here::
+
+    incoming/ file complete -> structure checked -> fsync -> rename into objects/ -> fsync dir
+    -> index row committed by the writer -> return (only now may the sender hear Success)
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Callable
+
+from clinicbox.archive import index as idx
+from clinicbox.archive.files import ObjectStore, file_sha256, uid_key
+from clinicbox.archive.parse import InvalidObject, ParsedObject, parse_file
+from clinicbox.archive.writer import IndexWriter
+from clinicbox.core.config import StorageSettings
+from clinicbox.core.events import InstanceStored
+
+log = logging.getLogger(__name__)
+
+_NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_LOCK_STRIPES = 64
+#: incoming/ files of a ``clinicbox import`` process are named import-<pid>-…; repair spares live ones
+IMPORT_PREFIX = "import-"
+
+
+class StoreOutcome(Enum):
+    STORED = "stored"           # new instance, file placed and indexed
+    DUPLICATE = "duplicate"     # identical instance already stored; nothing added
+    KEPT_FIRST = "kept-first"   # same UID, different content; duplicate_policy kept ours
+    REPLACED = "replaced"       # same UID, different content; duplicate_policy took the new one
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    outcome: StoreOutcome
+    sop_instance_uid: str
+    sop_class_uid: str
+    size: int
+
+
+class IngestError(Exception):
+    """The object was not stored. ``kind`` is one of: invalid, class-mismatch, no-space, failure."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+def _valid_uid(uid: str) -> bool:
+    return 0 < len(uid) <= 64 and all(c in "0123456789." for c in uid)
+
+
+def is_no_space(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE_ERRNOS:
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
+
+
+class Archive:
+    """Owns the object store, the index and its writer for one data dir."""
+
+    def __init__(self, settings: StorageSettings) -> None:
+        self.settings = settings
+        self.store = ObjectStore(Path(settings.data_dir))
+        self.db_path = self.store.root / idx.INDEX_FILE
+        self.index = idx.Index(self.db_path)
+        self.writer = IndexWriter(self.db_path, synchronous=settings.index_synchronous,
+                                  batch_max=settings.writer_batch_max)
+        self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._lock_fd: int | None = None
+        self.listeners: list[Callable[[InstanceStored], None]] = []
+
+    # --- life cycle ---------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the data dir and index (running migrations) and start the writer."""
+        self.store.create_dirs()
+        applied = idx.migrate(self.db_path)
+        if applied:
+            log.info("index %s: applied migrations %s", self.db_path, ", ".join(applied))
+        self._lock_fd = os.open(self.store.root / "uid.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self.writer.start()
+
+    def close(self) -> None:
+        self.writer.stop()
+        self.index.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @contextmanager
+    def _uid_lock(self, uid: str):
+        """Serialise stores of one SOP Instance UID across threads and processes (serve + import)."""
+        stripe = int(uid_key(uid)[:8], 16) % _LOCK_STRIPES
+        with self._locks[stripe]:
+            fcntl.lockf(self._lock_fd, fcntl.LOCK_EX, 1, stripe)
+            try:
+                yield
+            finally:
+                fcntl.lockf(self._lock_fd, fcntl.LOCK_UN, 1, stripe)
+
+    # --- storing ------------------------------------------------------------------------------
+
+    def new_incoming(self) -> tuple[int, Path]:
+        return self.store.new_incoming()
+
+    def store_incoming(self, tmp: Path, *, calling_ae: str = "", source: str = "network",
+                       expected_sop_class: str | None = None, expected_sop_instance: str | None = None,
+                       sha256: str | None = None, synced: bool = False) -> StoreResult:
+        """Store the complete file ``tmp`` (in incoming/) under the ingest rule.
+
+        ``sha256`` is the hash of the data set part (after the file meta) when the caller already
+        computed it while receiving.  On any failure the file is removed and :class:`IngestError`
+        is raised; on success it has been moved into objects/ (or discarded as a duplicate).
+        """
+        try:
+            return self._store(tmp, calling_ae, source, expected_sop_class, expected_sop_instance,
+                               sha256, synced)
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+    def _store(self, tmp, calling_ae, source, expected_class, expected_instance, sha256, synced):
+        try:
+            parsed = parse_file(tmp)
+        except InvalidObject as exc:
+            raise IngestError("invalid", str(exc)) from None
+        except OSError as exc:
+            raise IngestError("no-space" if is_no_space(exc) else "failure", f"cannot read object: {exc}") from None
+        uid, cls = self._check_identity(parsed, expected_class, expected_instance)
+        if sha256 is None:
+            sha256 = file_sha256(tmp, parsed.dataset_offset)
+        with self._uid_lock(uid):
+            existing = self.index.instance(uid)
+            replacing = False
+            if existing is not None and existing["state"] == "ok":
+                if existing["sha256"] == sha256:
+                    log.debug("instance %s already stored, identical: nothing added", uid)
+                    return StoreResult(StoreOutcome.DUPLICATE, uid, cls, parsed.size)
+                if self.settings.duplicate_policy == "keep-first":
+                    log.warning("instance %s from %s differs from the stored one; kept the stored one "
+                                "(storage.duplicate_policy = keep-first)", uid, calling_ae or source)
+                    return StoreResult(StoreOutcome.KEPT_FIRST, uid, cls, parsed.size)
+                log.warning("instance %s from %s differs from the stored one; replacing it "
+                            "(storage.duplicate_policy = replace)", uid, calling_ae or source)
+                replacing = True
+            elif existing is not None:
+                replacing = True  # row flagged missing: this copy restores it
+            relpath = self.store.relpath_for(uid)
+            try:
+                self.store.place(tmp, relpath, already_synced=synced)
+            except OSError as exc:
+                kind = "no-space" if is_no_space(exc) else "failure"
+                raise IngestError(kind, f"cannot write object into place: {exc}") from None
+            record = idx.InstanceRecord(
+                sop_instance_uid=uid, sop_class_uid=cls, values=parsed.values,
+                transfer_syntax_uid=parsed.transfer_syntax, path=relpath, size=parsed.size,
+                sha256=sha256, header=parsed.header, header_syntax=parsed.header_syntax,
+                calling_ae=calling_ae, source=source)
+            try:
+                self.writer.call(lambda conn: _index_record(conn, record, replacing))
+            except Exception as exc:
+                if not replacing:
+                    # Nothing acknowledged it: take the file back out so disk and index agree.
+                    try:
+                        os.unlink(self.store.abspath(relpath))
+                    except OSError:
+                        pass
+                kind = "no-space" if is_no_space(exc) else "failure"
+                raise IngestError(kind, f"index write failed: {exc}") from None
+        if parsed.encoding_mismatch:
+            log.warning("instance %s is encoded implicit VR under explicit transfer syntax %s; stored as received",
+                        uid, parsed.transfer_syntax)
+        event = InstanceStored(uid, cls, parsed.get("StudyInstanceUID"), parsed.get("SeriesInstanceUID"),
+                               calling_ae, parsed.size)
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:  # a listener must never undo a stored object
+                log.exception("listener %r failed for stored instance %s", listener, uid)
+        return StoreResult(StoreOutcome.REPLACED if replacing else StoreOutcome.STORED, uid, cls, parsed.size)
+
+    @staticmethod
+    def _check_identity(parsed: ParsedObject, expected_class, expected_instance) -> tuple[str, str]:
+        uid, cls = parsed.get("SOPInstanceUID"), parsed.get("SOPClassUID")
+        if not uid:
+            raise IngestError("invalid", "data set has no SOP Instance UID")
+        if not cls:
+            raise IngestError("invalid", "data set has no SOP Class UID")
+        for name in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            value = parsed.get(name)
+            if not value:
+                raise IngestError("invalid", f"data set has no {name}")
+            if not _valid_uid(value):
+                raise IngestError("invalid", f"{name} {value[:70]!r} is not a valid UID")
+        if expected_instance is not None and uid != expected_instance:
+            raise IngestError("invalid", f"SOP Instance UID {uid} in the data set differs from "
+                                         f"{expected_instance} in the request")
+        if expected_class is not None and cls != expected_class:
+            raise IngestError("class-mismatch", f"SOP Class UID {cls} in the data set differs from "
+                                                f"{expected_class} in the request")
+        if parsed.meta_sop_instance_uid and parsed.meta_sop_instance_uid != uid:
+            raise IngestError("invalid", "file meta Media Storage SOP Instance UID differs from the data set")
+        return uid, cls
+
+    def store_file(self, src: Path, *, source: str = "import") -> StoreResult:
+        """Copy a Part 10 file from anywhere into incoming/ and store it like a received one."""
+        fd, tmp = self.store.new_incoming(prefix=f"{IMPORT_PREFIX}{os.getpid()}-")
+        try:
+            with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise IngestError("no-space" if is_no_space(exc) else "failure", f"cannot copy: {exc}") from None
+        return self.store_incoming(tmp, source=source)
+
+    def note_device_seen(self, ae_title: str, host: str) -> Future:
+        """Record a caller (asynchronously); the future says whether it is a new device."""
+        return self.writer.submit(lambda conn: idx.record_device_seen(conn, ae_title, host))
+
+
+def _index_record(conn, record: idx.InstanceRecord, replacing: bool) -> int:
+    if replacing:
+        idx.delete_instance(conn, record.sop_instance_uid)
+    return idx.insert_instance(conn, record)

@@ -1,0 +1,121 @@
+"""Start-up repair: make objects/, incoming/ and the index agree again after any stop.
+
+* ``incoming/`` leftovers are stores that never finished (no sender was told Success): removed.
+* A file in ``objects/`` without an index row was placed but not yet indexed when the process
+  stopped (or the index lost its last transactions to a power cut): it is indexed now.
+  A file that does not parse, or whose name does not match its UID, is moved to ``quarantine/``.
+* An index row whose file is gone is flagged ``state='missing'`` (never silently dropped), and a
+  flagged row whose file is back is set ``ok`` again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clinicbox.archive import index as idx
+from clinicbox.archive.files import file_sha256, uid_key
+from clinicbox.archive.ingest import IMPORT_PREFIX, Archive
+from clinicbox.archive.parse import InvalidObject, parse_file
+
+log = logging.getLogger(__name__)
+
+QUARANTINE = "quarantine"
+
+
+@dataclass
+class RepairReport:
+    incoming_removed: int = 0
+    indexed: int = 0
+    quarantined: list[str] = field(default_factory=list)
+    missing: int = 0
+    recovered: int = 0
+
+    def __str__(self) -> str:
+        return (f"removed {self.incoming_removed} unfinished incoming file(s), indexed {self.indexed} "
+                f"unindexed object(s), quarantined {len(self.quarantined)}, flagged {self.missing} missing, "
+                f"{self.recovered} back")
+
+
+def repair(archive: Archive) -> RepairReport:
+    report = RepairReport()
+    store = archive.store
+    for entry in os.scandir(store.incoming):
+        if _belongs_to_live_import(entry.name):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            report.incoming_removed += 1
+        except OSError as exc:
+            log.error("cannot remove incoming leftover %s: %s", entry.name, exc)
+
+    on_disk = set(store.iter_objects())
+    indexed = archive.index.instance_paths()
+    flagged = archive.index.missing_paths()
+
+    for relpath in sorted(on_disk - indexed):
+        if _index_orphan(archive, relpath):
+            report.indexed += 1
+        else:
+            report.quarantined.append(relpath)
+
+    gone = indexed - on_disk - flagged
+    back = flagged & on_disk
+    if gone or back:
+        def _flag(conn):
+            for p in gone:
+                idx.set_instance_state(conn, p, "missing")
+            for p in back:
+                idx.set_instance_state(conn, p, "ok")
+        archive.writer.call(_flag)
+    report.missing, report.recovered = len(gone), len(back)
+    for p in sorted(gone)[:20]:
+        log.error("object file missing for indexed instance: %s", p)
+    level = logging.WARNING if (report.indexed or report.quarantined or report.missing) else logging.INFO
+    log.log(level, "start-up repair: %s (%d objects on disk)", report, len(on_disk))
+    return report
+
+
+def _belongs_to_live_import(name: str) -> bool:
+    if not name.startswith(IMPORT_PREFIX):
+        return False
+    try:
+        os.kill(int(name[len(IMPORT_PREFIX):].split("-", 1)[0]), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _index_orphan(archive: Archive, relpath: str) -> bool:
+    path = archive.store.abspath(relpath)
+    try:
+        parsed = parse_file(path)
+        uid = parsed.get("SOPInstanceUID")
+        if not uid or Path(relpath).stem != uid_key(uid):
+            raise InvalidObject("file name does not match its SOP Instance UID")
+        record = idx.InstanceRecord(
+            sop_instance_uid=uid, sop_class_uid=parsed.get("SOPClassUID"), values=parsed.values,
+            transfer_syntax_uid=parsed.transfer_syntax, path=relpath, size=parsed.size,
+            sha256=file_sha256(path, parsed.dataset_offset), header=parsed.header,
+            header_syntax=parsed.header_syntax, calling_ae="", source="repair")
+
+        def _insert(conn):
+            if conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?", (uid,)).fetchone():
+                idx.delete_instance(conn, uid)
+            idx.insert_instance(conn, record)
+        archive.writer.call(_insert)
+        return True
+    except (InvalidObject, KeyError) as exc:
+        dest = archive.store.root / QUARANTINE / Path(relpath).name
+        dest.parent.mkdir(exist_ok=True)
+        os.replace(path, dest)
+        log.error("quarantined unreadable object %s: %s", relpath, exc)
+        return False

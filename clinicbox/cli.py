@@ -1,0 +1,158 @@
+"""``clinicbox`` command line: a thin layer over the rooms, built through the composition root."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from clinicbox import __version__
+from clinicbox.core import config as cfg
+from clinicbox.core.logging import setup_logging
+
+EXIT_CONFIG = 2
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"TOML configuration file (default: ${cfg.ENV_CONFIG}, else built-in defaults)")
+    parser.add_argument("--data-dir", metavar="DIR", help="data folder (overrides storage.data_dir)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clinicbox", description="ClinicBox: a PACS appliance for small clinics.")
+    parser.add_argument("--version", action="version", version=f"clinicbox {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("serve", help="run the appliance: the DICOM service on one port, in the foreground")
+    _common(p)
+    p.add_argument("--port", type=int, help="TCP port (overrides server.port; default 11112)")
+    p.add_argument("--ae-title", help="our AE title (overrides server.ae_title; default CLINICBOX)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("import", help="import DICOM files, folders or media (CD/USB with DICOMDIR)")
+    _common(p)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="files or folders to import")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("studies", help="list the stored studies")
+    _common(p)
+    p.add_argument("--patient-id", help="only this patient's studies")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_studies)
+
+    p = sub.add_parser("config", help="show or check configuration")
+    csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
+    c = csub.add_parser("show-default", help="print the default configuration, every key commented")
+    c.set_defaults(func=cmd_config_show_default)
+    c = csub.add_parser("check", help="validate a configuration file")
+    c.add_argument("file", help="the TOML file to check")
+    c.set_defaults(func=cmd_config_check)
+    return parser
+
+
+def _load_config(args) -> cfg.Config:
+    config = cfg.load(getattr(args, "config", None))
+    return config.with_overrides(data_dir=getattr(args, "data_dir", None), port=getattr(args, "port", None),
+                                 ae_title=getattr(args, "ae_title", None))
+
+
+def _open_archive(config: cfg.Config):
+    from clinicbox.archive.ingest import Archive
+
+    archive = Archive(config.storage)
+    archive.open()
+    return archive
+
+
+def cmd_serve(args, config: cfg.Config) -> int:
+    from clinicbox.app import DataDirBusy, make_appliance
+
+    appliance = make_appliance(config)
+    try:
+        appliance.run_forever()
+    except DataDirBusy as exc:
+        print(f"clinicbox: storage.data_dir: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        if exc.errno == 98:  # EADDRINUSE
+            print(f"clinicbox: server.port: port {config.server.port} is already in use", file=sys.stderr)
+            return EXIT_CONFIG
+        raise
+    return 0
+
+
+def cmd_import(args, config: cfg.Config) -> int:
+    from clinicbox.archive.importer import import_paths
+
+    archive = _open_archive(config)
+    show = not args.quiet and sys.stderr.isatty()
+
+    def progress(n: int, total: int) -> None:
+        if show:
+            width = 30
+            done = int(width * n / max(total, 1))
+            print(f"\r[{'#' * done}{'.' * (width - done)}] {n}/{total}", end="", file=sys.stderr, flush=True)
+
+    try:
+        summary = import_paths(archive, [Path(p) for p in args.paths], progress)
+    finally:
+        archive.close()
+    if show:
+        print(file=sys.stderr)
+    print(f"imported {summary.imported}, duplicates {summary.duplicates}, rejected {len(summary.rejected)}")
+    for reason, count in summary.reasons.most_common():
+        print(f"  rejected {count}: {reason}")
+    for path, reason in summary.rejected[:50]:
+        print(f"  {path}: {reason}", file=sys.stderr)
+    return 1 if summary.rejected and not (summary.imported or summary.duplicates) else 0
+
+
+def cmd_studies(args, config: cfg.Config) -> int:
+    archive = _open_archive(config)
+    try:
+        rows = archive.index.studies(patient_id=args.patient_id)
+    finally:
+        archive.close()
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    if not rows:
+        print("no studies")
+        return 0
+    cols = [("patient_id", "Patient ID", 14), ("patient_name", "Name", 24), ("study_date", "Date", 8),
+            ("modalities_in_study", "Mod", 6), ("num_series", "Ser", 4), ("num_instances", "Inst", 6),
+            ("accession_number", "Accession", 12), ("study_description", "Description", 30)]
+    print("  ".join(title.ljust(w) for _k, title, w in cols))
+    for r in rows:
+        print("  ".join(str(r[k] if r[k] is not None else "")[:w].ljust(w) for k, _t, w in cols))
+    return 0
+
+
+def cmd_config_show_default(args, config: cfg.Config) -> int:
+    print(cfg.default_toml())
+    return 0
+
+
+def cmd_config_check(args, config: cfg.Config) -> int:
+    cfg.load(args.file)
+    print(f"{args.file}: OK")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = cfg.Config() if args.func in (cmd_config_show_default, cmd_config_check) else _load_config(args)
+        setup_logging(config.logging)
+        return args.func(args, config)
+    except cfg.ConfigError as exc:
+        print(f"clinicbox: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        logging.shutdown()

@@ -1,0 +1,1 @@
+"""The core room: configuration, logging and small shared types. Depends on nothing else."""

@@ -1,0 +1,215 @@
+"""Configuration: one TOML file, every key with a default and a one-line explanation.
+
+The file is read with :mod:`tomllib` into frozen dataclasses.  Unknown keys and values of
+the wrong type or range are refused with a :class:`ConfigError` that names the key, so a
+typo in ``/etc/clinicbox/clinicbox.toml`` is one clear line at start-up, not a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+ENV_CONFIG = "CLINICBOX_CONFIG"
+
+
+class ConfigError(Exception):
+    """A configuration value is missing, unknown or invalid; ``key`` names it."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+def setting(default: Any, doc: str, *, choices: tuple[str, ...] | None = None,
+            minimum: float | None = None, maximum: float | None = None) -> Any:
+    """Declare a setting: its default, a one-line explanation and optional limits."""
+    meta = {"doc": doc, "choices": choices, "minimum": minimum, "maximum": maximum}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII but backslash
+
+
+def _check_ae_title(key: str, value: str) -> None:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ConfigError(key, f"{value!r} is not an AE title (1-16 printable ASCII characters, no backslash)")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    ae_title: str = setting("CLINICBOX", "The AE title devices send to and query (Called AE Title).")
+    bind: str = setting("0.0.0.0", "Address to listen on; 0.0.0.0 for every interface, 127.0.0.1 for this box only.")
+    port: int = setting(11112, "TCP port of the DICOM service (104 needs root or CAP_NET_BIND_SERVICE).",
+                        minimum=1, maximum=65535)
+    max_associations: int = setting(32, "Most associations served at once; more are rejected as transient (busy).",
+                                    minimum=1, maximum=1000)
+    max_pdu_size: int = setting(4194304, "Largest PDU we accept, in bytes; large PDUs mean few round trips per image.",
+                                minimum=4096, maximum=2**32 - 1)
+    acse_timeout: float = setting(15.0, "Seconds a connection may take to complete association negotiation.",
+                                  minimum=1, maximum=600)
+    dimse_timeout: float = setting(60.0, "Seconds to wait for a DIMSE message once one is expected.",
+                                   minimum=1, maximum=3600)
+    network_timeout: float = setting(60.0, "Seconds a silent association is kept open before it is aborted.",
+                                     minimum=1, maximum=3600)
+    require_called_ae_title: bool = setting(False, "Reject associations whose Called AE Title is not ours.")
+    allowed_calling_ae_titles: list = setting([], "Calling AE titles allowed to connect; empty means any (each new caller is recorded as a seen device).")
+    accept_unknown_sop_classes: bool = setting(True, "Store objects of private or unknown SOP classes as they come.")
+    shutdown_grace_seconds: float = setting(30.0, "On SIGTERM, how long to let stores in flight finish before exiting.",
+                                            minimum=0, maximum=600)
+
+    def validate(self) -> None:
+        _check_ae_title("server.ae_title", self.ae_title)
+        for i, aet in enumerate(self.allowed_calling_ae_titles):
+            if not isinstance(aet, str):
+                raise ConfigError(f"server.allowed_calling_ae_titles[{i}]", "must be a string")
+            _check_ae_title(f"server.allowed_calling_ae_titles[{i}]", aet)
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    data_dir: str = setting("./clinicbox-data", "Folder holding the index, the objects and everything else ClinicBox keeps.")
+    duplicate_policy: str = setting(
+        "keep-first",
+        "Same SOP Instance UID, different content: keep-first keeps what we have, replace keeps the newest.",
+        choices=("keep-first", "replace"))
+    index_synchronous: str = setting(
+        "normal",
+        "SQLite synchronous mode; objects are fsync'ed either way and start-up repair re-indexes them.",
+        choices=("normal", "full"))
+    writer_batch_max: int = setting(256, "Most index writes committed together in one transaction (group commit).",
+                                    minimum=1, maximum=10000)
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = setting("INFO", "Log level for every room.",
+                         choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    debug_rooms: list = setting([], "Rooms logged at DEBUG regardless of level, e.g. [\"dicom\", \"archive\"] (DEBUG may show patient data).")
+    pynetdicom_level: str = setting("WARNING", "Log level of the pynetdicom protocol library.",
+                                    choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.storage.data_dir)
+
+    def with_overrides(self, *, data_dir: str | None = None, port: int | None = None,
+                       ae_title: str | None = None) -> "Config":
+        """Apply the command-line flags that override the file, validating them like the file."""
+        server, storage = self.server, self.storage
+        if port is not None:
+            server = replace(server, port=_coerce("server.port", _field(ServerSettings, "port"), port))
+        if ae_title is not None:
+            server = replace(server, ae_title=ae_title)
+        if data_dir is not None:
+            storage = replace(storage, data_dir=str(data_dir))
+        cfg = replace(self, server=server, storage=storage)
+        cfg.server.validate()
+        return cfg
+
+
+_SECTIONS: dict[str, type] = {"server": ServerSettings, "storage": StorageSettings, "logging": LoggingSettings}
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    return next(f for f in fields(cls) if f.name == name)
+
+
+def _type_of(f: dataclasses.Field) -> type:
+    return {"str": str, "int": int, "float": float, "bool": bool, "list": list}[f.type]
+
+
+def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
+    want = _type_of(f)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if want is int and isinstance(value, bool) or not isinstance(value, want):
+        raise ConfigError(key, f"expected {want.__name__}, got {type(value).__name__} {value!r}")
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(meta['choices'])}")
+    if meta.get("minimum") is not None and value < meta["minimum"]:
+        raise ConfigError(key, f"{value} is below the minimum {meta['minimum']}")
+    if meta.get("maximum") is not None and value > meta["maximum"]:
+        raise ConfigError(key, f"{value} is above the maximum {meta['maximum']}")
+    return value
+
+
+def from_mapping(data: dict[str, Any]) -> Config:
+    """Build a validated :class:`Config` from a parsed TOML mapping."""
+    sections = {}
+    for name, value in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(name, f"unknown section (known: {', '.join(_SECTIONS)})")
+        if not isinstance(value, dict):
+            raise ConfigError(name, "must be a table, e.g. [" + name + "]")
+        cls = _SECTIONS[name]
+        known = {f.name: f for f in fields(cls)}
+        kwargs = {}
+        for key, v in value.items():
+            if key not in known:
+                raise ConfigError(f"{name}.{key}", "unknown key (see `clinicbox config show-default`)")
+            kwargs[key] = _coerce(f"{name}.{key}", known[key], v)
+        sections[name] = cls(**kwargs)
+    cfg = Config(**sections)
+    cfg.server.validate()
+    return cfg
+
+
+def load(path: str | os.PathLike | None = None) -> Config:
+    """Read the config file named by ``path`` or ``$CLINICBOX_CONFIG``; defaults when neither is set."""
+    path = path or os.environ.get(ENV_CONFIG)
+    if not path:
+        return Config()
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("--config", f"file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"is not valid TOML: {exc}") from None
+    return from_mapping(data)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def default_toml() -> str:
+    """The commented default configuration, as printed by ``clinicbox config show-default``."""
+    out = ["# ClinicBox configuration. Every key is shown with its default; delete what you do not change.",
+           f"# Used via `clinicbox serve --config FILE` or ${ENV_CONFIG}; installed as /etc/clinicbox/clinicbox.toml.",
+           ""]
+    defaults = Config()
+    for name in _SECTIONS:
+        out.append(f"[{name}]")
+        section = getattr(defaults, name)
+        for f in fields(section):
+            doc = f.metadata["doc"]
+            if f.metadata.get("choices"):
+                doc += f" One of: {', '.join(f.metadata['choices'])}."
+            out.append(f"# {doc}")
+            out.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+        out.append("")
+    return "\n".join(out)

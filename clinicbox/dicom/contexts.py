@@ -1,0 +1,38 @@
+"""Which SOP classes and transfer syntaxes the Storage SCP accepts: all of them pydicom knows."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydicom._uid_dict import UID_dictionary
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
+
+VERIFICATION = Verification
+_NOT_STORAGE = ("Storage Commitment", "Media Storage Directory")
+
+
+@lru_cache(maxsize=1)
+def storage_sop_classes() -> tuple[str, ...]:
+    """Every storage SOP class pydicom or pynetdicom knows, retired ones included.
+
+    Retired classes matter here: old ultrasound units still send the retired US Image Storage.
+    """
+    uids = {cx.abstract_syntax for cx in AllStoragePresentationContexts}
+    for uid, (name, kind, *_rest) in UID_dictionary.items():
+        if kind == "SOP Class" and "Storage" in name and not any(n in name for n in _NOT_STORAGE):
+            uids.add(uid)
+    return tuple(sorted(uids))
+
+
+@lru_cache(maxsize=1)
+def transfer_syntaxes() -> tuple[str, ...]:
+    """Every transfer syntax pydicom knows: native, deflate, JPEG family, JPEG-LS, JPEG 2000,
+    HTJ2K, RLE and the MPEG/HEVC video syntaxes. Objects are stored in the one the sender chose."""
+    return tuple(str(ts) for ts in AllTransferSyntaxes)
+
+
+def is_known_uid(uid: str) -> bool:
+    """True when pydicom's dictionary knows ``uid`` (then it is not a private SOP class)."""
+    return uid in UID_dictionary

@@ -1,0 +1,162 @@
+"""The one Application Entity: contexts, association policy, timeouts, handlers, graceful stop."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from functools import partial
+
+from pynetdicom import AE, evt
+from pynetdicom.presentation import build_context
+
+from clinicbox.archive.ingest import Archive
+from clinicbox.core.config import ServerSettings
+from clinicbox.dicom import contexts, handlers, tuning
+from clinicbox.dicom.session import session_of
+
+log = logging.getLogger(__name__)
+
+# A-ASSOCIATE-RJ (result, source, reason) as PS3.8 Table 9-21 names them
+_REJECT_REASONS = {
+    (1, 3): "calling AE title not recognized",
+    (1, 7): "called AE title not recognized",
+    (3, 2): "local limit exceeded (too many associations)",
+    (2, 1): "no reason given",
+}
+
+
+def _log_device(ae_title: str, host: str, fut) -> None:
+    if fut.exception() is not None:
+        log.warning("could not record device %s: %s", ae_title, fut.exception())
+    elif fut.result():
+        log.info("new device seen: %s at %s", ae_title, host)
+
+
+class DicomServer:
+    """Hosts every SCP on one port. Built by the app's composition root."""
+
+    def __init__(self, settings: ServerSettings, archive: Archive) -> None:
+        self.settings = settings
+        self.archive = archive
+        self.ae: AE | None = None
+        self._server = None
+        self._handlers = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_ACSE_SENT, self._on_acse_sent),
+            (evt.EVT_RELEASED, partial(self._on_end, how="released")),
+            (evt.EVT_ABORTED, partial(self._on_end, how="aborted")),
+            (evt.EVT_C_ECHO, handlers.handle_echo),
+            (evt.EVT_C_STORE, handlers.handle_store, [archive]),
+        ]
+
+    # --- life cycle ---------------------------------------------------------------------------
+
+    def _build_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_associations = s.max_associations
+        ae.maximum_pdu_size = s.max_pdu_size
+        ae.acse_timeout = s.acse_timeout
+        ae.dimse_timeout = s.dimse_timeout
+        ae.network_timeout = s.network_timeout
+        ae.require_called_aet = s.require_called_ae_title
+        ae.require_calling_aet = list(s.allowed_calling_ae_titles)
+        syntaxes = list(contexts.transfer_syntaxes())
+        ae.add_supported_context(contexts.VERIFICATION, syntaxes)
+        for uid in contexts.storage_sop_classes():
+            ae.add_supported_context(uid, syntaxes)
+        return ae
+
+    def start(self) -> None:
+        tuning.install()
+        self.ae = self._build_ae()
+        tuning.register_sink(self.ae, self.archive.new_incoming)
+        s = self.settings
+        self._server = self.ae.start_server((s.bind, s.port), block=False, evt_handlers=self._handlers)
+        log.info("DICOM service %s listening on %s:%d (max PDU %d, up to %d associations)",
+                 s.ae_title, s.bind, self.port, s.max_pdu_size, s.max_associations)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1] if self._server else self.settings.port
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop listening, let stores in flight finish (up to ``grace`` seconds), then abort the rest."""
+        if self._server is None:
+            return
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        self._server.shutdown()
+        deadline = time.monotonic() + grace
+        while True:
+            active = self._server.active_associations
+            if not active:
+                break
+            now = time.monotonic()
+            for assoc in active:
+                session = session_of(assoc)
+                idle = session.stores_in_progress == 0 and tuning.last_receive_age(assoc) > 0.2
+                if idle or now >= deadline:
+                    if not idle:
+                        log.warning("aborting %s with a store still in progress (grace period over)", session.who)
+                    assoc.abort()
+            time.sleep(0.05)
+        self._server = None
+        log.info("DICOM service stopped")
+
+    # --- event handlers -----------------------------------------------------------------------
+
+    def _on_conn_open(self, event) -> None:
+        sock = event.assoc.dul.socket.socket
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # pragma: no cover - e.g. not a TCP socket
+            pass
+        session = session_of(event.assoc)
+        session.host, session.port = event.address[0], event.address[1]
+
+    def _on_requested(self, event) -> None:
+        """Accept private/unknown SOP classes as storage when the setting allows it."""
+        if not self.settings.accept_unknown_sop_classes:
+            return
+        acceptor = event.assoc.acceptor
+        supported = {cx.abstract_syntax for cx in acceptor.supported_contexts}
+        extra = []
+        for cx in event.assoc.requestor.primitive.presentation_context_definition_list:
+            uid = cx.abstract_syntax
+            if uid not in supported and not contexts.is_known_uid(uid):
+                extra.append(build_context(uid, list(cx.transfer_syntax)))
+                supported.add(uid)
+        if extra:
+            acceptor.supported_contexts = list(acceptor.supported_contexts) + extra
+            log.info("accepting %d private/unknown SOP class(es) as storage: %s",
+                     len(extra), ", ".join(str(cx.abstract_syntax) for cx in extra))
+
+    def _on_accepted(self, event) -> None:
+        assoc = event.assoc
+        session = session_of(assoc)
+        session.calling_ae = assoc.requestor.ae_title
+        session.called_ae = assoc.acceptor.ae_title
+        session.contexts = len(assoc.accepted_contexts)
+        log.info("association accepted: %s -> %s, %d of %d contexts accepted", session.who,
+                 session.called_ae, session.contexts,
+                 len(assoc.accepted_contexts) + len(assoc.rejected_contexts))
+        fut = self.archive.note_device_seen(session.calling_ae, session.host)
+        fut.add_done_callback(partial(_log_device, session.calling_ae, session.host))
+
+    def _on_acse_sent(self, event) -> None:
+        prim = event.primitive
+        result = getattr(prim, "result", None)
+        if type(prim).__name__ == "A_ASSOCIATE" and result not in (None, 0):
+            session = session_of(event.assoc)
+            rq = event.assoc.requestor
+            reason = _REJECT_REASONS.get((prim.result_source, prim.diagnostic), f"diagnostic {prim.diagnostic}")
+            log.warning("association rejected (%s): %s@%s:%s called %s", reason,
+                        rq.ae_title or "?", session.host, session.port, event.assoc.acceptor.ae_title)
+
+    def _on_end(self, event, how: str) -> None:
+        session = session_of(event.assoc)
+        if session.calling_ae:
+            log.info(session.summary(how))

@@ -1,0 +1,198 @@
+"""The one place that reaches into pynetdicom internals, and why.
+
+1. **Received objects go straight to ``incoming/``.**  With ``STORE_RECV_CHUNKED_DATASET``
+   pynetdicom streams each C-STORE data set into a ``NamedTemporaryFile`` in the system temp
+   dir.  We swap that factory (``pynetdicom.dimse_messages.NamedTemporaryFile``) for
+   :class:`IncomingFile`, which writes into the receiving AE's ``incoming/`` (same filesystem
+   as ``objects/``, so storing is a rename), hashes the data set while it arrives (no second
+   read) and turns a full disk into a flag, so the handler can answer 0xA700 instead of the
+   association being aborted mid-transfer.
+2. **Adaptive polling.**  pynetdicom's DUL and association reactors poll with fixed 1 ms sleeps,
+   which costs about 3 ms of pure waiting per stored image.  While an association has received
+   data in the last 50 ms those sleeps are cut to 50 us; once idle they are 1 ms again, so an
+   idle connection costs no more CPU than stock pynetdicom.
+
+:func:`install` checks that the internals look as expected and raises :class:`RuntimeError`
+naming what changed otherwise; ``tests/test_tuning.py`` runs it against the installed version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Callable
+
+import pynetdicom
+from pynetdicom import association as _association
+from pynetdicom import dimse_messages as _dimse_messages
+from pynetdicom import dul as _dul
+
+ACTIVE_WINDOW = 0.05      # seconds since the last received data during which we poll fast
+FAST_DELAY = 0.00005      # poll delay while data flows
+_SLOW_THRESHOLD = 0.0005  # sleeps shorter than this are pynetdicom's own busy waits: untouched
+
+_original_ntf = _dimse_messages.NamedTemporaryFile
+_sinks: "weakref.WeakKeyDictionary[object, Callable[[], IncomingFile]]" = weakref.WeakKeyDictionary()
+_installed = False
+
+
+class IncomingFile:
+    """A write-only file in incoming/ that pynetdicom fills with one received C-STORE object.
+
+    Quacks like the ``NamedTemporaryFile`` pynetdicom expects (``write``, ``file.flush``, ``name``,
+    ``close``).  The SHA-256 of the data set part (after the file meta) is computed as bytes arrive.
+    A write error (disk full) is kept in :attr:`error`, the partial file is truncated to free
+    space, and later writes are dropped, so the association survives and the handler can refuse.
+    """
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd: int | None = fd
+        self.name = str(path)
+        self.path = path
+        self.error: OSError | None = None
+        self.bytes_received = 0
+        self._head = bytearray()
+        self._meta_end: int | None = None
+        self._hash = hashlib.sha256()
+
+    @property
+    def file(self) -> "IncomingFile":
+        return self
+
+    def flush(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> int:
+        n = len(data)
+        if self.error is not None or self._fd is None:
+            return n
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            self.error = exc
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError:
+                pass
+            return n
+        self._digest(data)
+        self.bytes_received += n
+        return n
+
+    def _digest(self, data: bytes) -> None:
+        if self._meta_end is not None:
+            self._hash.update(data)
+            return
+        self._head += data
+        if len(self._head) < 144:
+            return
+        # 128-byte preamble, "DICM", then (0002,0000) UL group length: value at bytes 140..144
+        (group_length,) = struct.unpack_from("<I", self._head, 140)
+        self._meta_end = 144 + group_length
+        if len(self._head) > self._meta_end:
+            self._hash.update(self._head[self._meta_end:])
+        self._head = bytearray()
+
+    @property
+    def dataset_sha256(self) -> str | None:
+        """SHA-256 of the data set bytes, or None if the file meta never arrived whole."""
+        return self._hash.hexdigest() if self._meta_end is not None else None
+
+    def sync(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def register_sink(ae: object, new_file: Callable[[], tuple[int, Path]]) -> None:
+    """Route C-STOREs received by ``ae`` into files made by ``new_file()`` -> (fd, path)."""
+    _sinks[ae] = lambda: IncomingFile(*new_file())
+
+
+def _current_association():
+    thread = threading.current_thread()
+    if isinstance(thread, _association.Association):
+        return thread
+    return getattr(thread, "assoc", None)
+
+
+def _named_temporary_file(*args, **kwargs):
+    assoc = _current_association()
+    sink = _sinks.get(getattr(assoc, "ae", None)) if assoc is not None else None
+    if sink is None:
+        return _original_ntf(*args, **kwargs)
+    return sink()
+
+
+def incoming_file(event) -> IncomingFile | None:
+    """The :class:`IncomingFile` behind a C-STORE event, if it was received through our sink."""
+    f = getattr(event.request, "_dataset_file", None)
+    return f if isinstance(f, IncomingFile) else None
+
+
+def last_receive_age(assoc) -> float:
+    """Seconds since ``assoc`` last received data (large when unknown)."""
+    dul = getattr(assoc, "dul", None)
+    timer = getattr(dul, "_idle_timer", None)
+    start = getattr(timer, "_start_time", None)
+    return time.time() - start if start is not None else 1e9
+
+
+class _AdaptiveTime:
+    """Stands in for the ``time`` module inside pynetdicom's dul and association modules."""
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        if seconds >= _SLOW_THRESHOLD:
+            assoc = _current_association()
+            if assoc is not None and last_receive_age(assoc) < ACTIVE_WINDOW:
+                seconds = FAST_DELAY
+        time.sleep(seconds)
+
+
+def _check_internals() -> None:
+    problems = []
+    if not pynetdicom.__version__.startswith("3."):
+        problems.append(f"pynetdicom {pynetdicom.__version__} (tuned for 3.x)")
+    if getattr(_dimse_messages, "NamedTemporaryFile", None) not in (_original_ntf, _named_temporary_file):
+        problems.append("pynetdicom.dimse_messages.NamedTemporaryFile is gone")
+    for mod in (_dul, _association):
+        if getattr(mod, "time", None) not in (time,) and not isinstance(getattr(mod, "time", None), _AdaptiveTime):
+            problems.append(f"{mod.__name__} no longer uses the time module")
+    import inspect
+    if "_run_loop_delay" not in inspect.getsource(_dul.DULServiceProvider.run_reactor):
+        problems.append("DULServiceProvider.run_reactor no longer polls with _run_loop_delay")
+    if "_idle_timer" not in inspect.getsource(_dul.DULServiceProvider.run_reactor):
+        problems.append("DULServiceProvider no longer restarts _idle_timer on received data")
+    if "_data_set_file" not in inspect.getsource(_dimse_messages.DIMSEMessage.decode_msg):
+        problems.append("DIMSEMessage.decode_msg no longer writes into _data_set_file")
+    if problems:
+        raise RuntimeError("clinicbox.dicom.tuning does not fit this pynetdicom: " + "; ".join(problems))
+
+
+def install() -> None:
+    """Apply both adjustments (idempotent). Raises RuntimeError if pynetdicom changed shape."""
+    global _installed
+    if _installed:
+        return
+    _check_internals()
+    pynetdicom._config.STORE_RECV_CHUNKED_DATASET = True
+    _dimse_messages.NamedTemporaryFile = _named_temporary_file
+    _dul.time = _AdaptiveTime()
+    _association.time = _AdaptiveTime()
+    _installed = True
