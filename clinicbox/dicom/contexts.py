@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import threading
 from functools import lru_cache
 
 from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import Verification, register_uid, uid_to_service_class
 
 VERIFICATION = Verification
 _NOT_STORAGE = ("Storage Commitment", "Media Storage Directory")
@@ -36,3 +39,14 @@ def transfer_syntaxes() -> tuple[str, ...]:
 def is_known_uid(uid: str) -> bool:
     """True when pydicom's dictionary knows ``uid`` (then it is not a private SOP class)."""
     return uid in UID_dictionary
+
+
+_register_lock = threading.Lock()
+
+
+def register_private_storage_class(uid: str) -> None:
+    """Teach pynetdicom to route C-STOREs of a private/unknown SOP class to the storage service."""
+    with _register_lock:
+        if uid_to_service_class(uid) is StorageServiceClass:
+            return
+        register_uid(uid, "PrivateStorage_" + re.sub(r"[^0-9]", "_", uid), StorageServiceClass)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from functools import partial
 
@@ -41,6 +42,7 @@ class DicomServer:
         self.archive = archive
         self.ae: AE | None = None
         self._server = None
+        self._supported: dict[str, set[str]] = {}
         self._handlers = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -68,6 +70,8 @@ class DicomServer:
         ae.add_supported_context(contexts.VERIFICATION, syntaxes)
         for uid in contexts.storage_sop_classes():
             ae.add_supported_context(uid, syntaxes)
+        self._supported = {str(cx.abstract_syntax): set(map(str, cx.transfer_syntax))
+                           for cx in ae.supported_contexts}
         return ae
 
     def start(self) -> None:
@@ -91,17 +95,18 @@ class DicomServer:
         self._server.shutdown()
         deadline = time.monotonic() + grace
         while True:
-            active = self._server.active_associations
-            if not active:
-                break
+            # Connections not (or no longer) in an association hold no store: they end with us.
+            active = [a for a in self._server.active_associations if a.is_established]
             now = time.monotonic()
+            if not active or now >= deadline + 5:
+                break
             for assoc in active:
                 session = session_of(assoc)
                 idle = session.stores_in_progress == 0 and tuning.last_receive_age(assoc) > 0.2
                 if idle or now >= deadline:
                     if not idle:
                         log.warning("aborting %s with a store still in progress (grace period over)", session.who)
-                    assoc.abort()
+                    threading.Thread(target=assoc.abort, daemon=True).start()
             time.sleep(0.05)
         self._server = None
         log.info("DICOM service stopped")
@@ -118,21 +123,34 @@ class DicomServer:
         session.host, session.port = event.address[0], event.address[1]
 
     def _on_requested(self, event) -> None:
-        """Accept private/unknown SOP classes as storage when the setting allows it."""
-        if not self.settings.accept_unknown_sop_classes:
-            return
-        acceptor = event.assoc.acceptor
-        supported = {cx.abstract_syntax for cx in acceptor.supported_contexts}
-        extra = []
-        for cx in event.assoc.requestor.primitive.presentation_context_definition_list:
-            uid = cx.abstract_syntax
-            if uid not in supported and not contexts.is_known_uid(uid):
-                extra.append(build_context(uid, list(cx.transfer_syntax)))
-                supported.add(uid)
-        if extra:
-            acceptor.supported_contexts = list(acceptor.supported_contexts) + extra
-            log.info("accepting %d private/unknown SOP class(es) as storage: %s",
-                     len(extra), ", ".join(str(cx.abstract_syntax) for cx in extra))
+        """Shape this association's supported contexts before negotiation.
+
+        pynetdicom picks, for each proposed context, the first transfer syntax of *our* list that
+        the sender proposed.  Ordering our list by the sender's own preference means each object
+        is taken in the syntax the sender likes best (usually how it holds it), never converted.
+        Private/unknown SOP classes are accepted as storage when the setting allows it.
+        """
+        assoc = event.assoc
+        ours = self._supported
+        wanted: dict[str, list[str]] = {}
+        unknown = []
+        for cx in assoc.requestor.primitive.presentation_context_definition_list:
+            uid = str(cx.abstract_syntax)
+            if uid in ours:
+                syntaxes = [str(ts) for ts in cx.transfer_syntax if str(ts) in ours[uid]]
+            elif self.settings.accept_unknown_sop_classes and not contexts.is_known_uid(uid):
+                syntaxes = [str(ts) for ts in cx.transfer_syntax]
+                if uid not in wanted:
+                    unknown.append(uid)
+            else:
+                continue
+            have = wanted.setdefault(uid, [])
+            have.extend(ts for ts in syntaxes if ts not in have)
+        for uid in unknown:
+            contexts.register_private_storage_class(uid)
+        assoc.acceptor.supported_contexts = [build_context(uid, ts) for uid, ts in wanted.items() if ts]
+        if unknown:
+            log.info("accepting %d private/unknown SOP class(es) as storage: %s", len(unknown), ", ".join(unknown))
 
     def _on_accepted(self, event) -> None:
         assoc = event.assoc
