@@ -56,10 +56,10 @@ def _store(event, archive: Archive, session) -> Dataset:
         return _status(OUT_OF_RESOURCES, "internal error: no receive sink")
     if incoming.error is not None:
         session.failed += 1
-        log.error("C-STORE %s from %s refused: cannot write incoming data: %s", uid, session.who, incoming.error)
+        reason = "out of disk space" if is_no_space(incoming.error) else f"cannot write: {incoming.error.strerror}"
+        log.error("C-STORE %s from %s refused with 0xA700, %s (%s)", uid, session.who, reason, incoming.error)
         incoming.path.unlink(missing_ok=True)
-        return _status(OUT_OF_RESOURCES, "out of disk space" if is_no_space(incoming.error) else
-                       f"cannot write: {incoming.error.strerror}")
+        return _status(OUT_OF_RESOURCES, reason)
     try:
         incoming.sync()
         result = archive.store_incoming(
@@ -68,8 +68,10 @@ def _store(event, archive: Archive, session) -> Dataset:
             sha256=incoming.dataset_sha256, synced=True)
     except IngestError as exc:
         session.failed += 1
-        log.error("C-STORE %s from %s refused (%s): %s", uid, session.who, exc.kind, exc.reason)
-        return _status(_STATUS_FOR_KIND[exc.kind], exc.reason)
+        status = _STATUS_FOR_KIND[exc.kind]
+        reason = f"out of disk space: {exc.reason}" if exc.kind == "no-space" else exc.reason
+        log.error("C-STORE %s from %s refused with 0x%04X (%s): %s", uid, session.who, status, exc.kind, reason)
+        return _status(status, reason)
     except OSError as exc:
         session.failed += 1
         log.error("C-STORE %s from %s failed: %s", uid, session.who, exc)

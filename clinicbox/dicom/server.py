@@ -50,6 +50,7 @@ class DicomServer:
             (evt.EVT_ACSE_SENT, self._on_acse_sent),
             (evt.EVT_RELEASED, partial(self._on_end, how="released")),
             (evt.EVT_ABORTED, partial(self._on_end, how="aborted")),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_C_ECHO, handlers.handle_echo),
             (evt.EVT_C_STORE, handlers.handle_store, [archive]),
         ]
@@ -59,7 +60,9 @@ class DicomServer:
     def _build_ae(self) -> AE:
         s = self.settings
         ae = AE(ae_title=s.ae_title)
-        ae.maximum_associations = s.max_associations
+        # pynetdicom counts every open connection, silent ones included; it only bounds threads here.
+        # The association limit itself is ours, in _on_requested, and counts real associations.
+        ae.maximum_associations = s.max_associations * 4 + 16
         ae.maximum_pdu_size = s.max_pdu_size
         ae.acse_timeout = s.acse_timeout
         ae.dimse_timeout = s.dimse_timeout
@@ -131,6 +134,11 @@ class DicomServer:
         Private/unknown SOP classes are accepted as storage when the setting allows it.
         """
         assoc = event.assoc
+        busy = sum(1 for a in self._server.active_associations if a is not assoc and a.is_established)
+        if busy >= self.settings.max_associations:
+            assoc.acse.send_reject(0x02, 0x03, 0x02)  # rejected-transient, local limit exceeded
+            assoc.kill()  # as pynetdicom does after its own rejections: lets the RJ go out first
+            return
         ours = self._supported
         wanted: dict[str, list[str]] = {}
         unknown = []
@@ -173,6 +181,13 @@ class DicomServer:
             reason = _REJECT_REASONS.get((prim.result_source, prim.diagnostic), f"diagnostic {prim.diagnostic}")
             log.warning("association rejected (%s): %s@%s:%s called %s", reason,
                         rq.ae_title or "?", session.host, session.port, event.assoc.acceptor.ae_title)
+
+    def _on_conn_close(self, event) -> None:
+        removed = tuning.discard_unfinished(event.assoc)
+        if removed:
+            session = session_of(event.assoc)
+            log.warning("%s dropped the connection mid-object: removed %d partial object(s), none acknowledged",
+                        session.who, removed)
 
     def _on_end(self, event, how: str) -> None:
         session = session_of(event.assoc)

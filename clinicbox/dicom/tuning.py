@@ -59,6 +59,7 @@ class IncomingFile:
         self._head = bytearray()
         self._meta_end: int | None = None
         self._hash = hashlib.sha256()
+        self.handled = False  # a C-STORE handler took it (pynetdicom then closes and unlinks it)
 
     @property
     def file(self) -> "IncomingFile":
@@ -116,9 +117,27 @@ class IncomingFile:
             self._fd = None
 
 
+_unfinished: "weakref.WeakKeyDictionary[object, list[IncomingFile]]" = weakref.WeakKeyDictionary()
+
+
 def register_sink(ae: object, new_file: Callable[[], tuple[int, Path]]) -> None:
     """Route C-STOREs received by ``ae`` into files made by ``new_file()`` -> (fd, path)."""
     _sinks[ae] = lambda: IncomingFile(*new_file())
+
+
+def discard_unfinished(assoc) -> int:
+    """Remove the partial files of objects ``assoc`` was receiving when it ended; return how many."""
+    removed = 0
+    for f in _unfinished.pop(assoc, []):
+        if f.handled:
+            continue
+        f.close()
+        try:
+            os.unlink(f.path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def _current_association():
@@ -133,13 +152,20 @@ def _named_temporary_file(*args, **kwargs):
     sink = _sinks.get(getattr(assoc, "ae", None)) if assoc is not None else None
     if sink is None:
         return _original_ntf(*args, **kwargs)
-    return sink()
+    f = sink()
+    files = _unfinished.setdefault(assoc, [])
+    files[:] = [x for x in files if not x.handled]
+    files.append(f)
+    return f
 
 
 def incoming_file(event) -> IncomingFile | None:
     """The :class:`IncomingFile` behind a C-STORE event, if it was received through our sink."""
     f = getattr(event.request, "_dataset_file", None)
-    return f if isinstance(f, IncomingFile) else None
+    if not isinstance(f, IncomingFile):
+        return None
+    f.handled = True
+    return f
 
 
 def last_receive_age(assoc) -> float:
