@@ -184,46 +184,54 @@ def proc_cpu_s(pid: int) -> float | None:
     return sum(int(v) for v in fields[11:15]) / _CLK_TCK
 
 
-def _all_cpu_ticks() -> dict[int, tuple[str, int]]:
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                text = fh.read()
-        except OSError:
-            continue
-        comm = text[text.find("(") + 1:text.rfind(")")]
-        fields = text.rpartition(")")[2].split()
-        out[int(entry)] = (comm, int(fields[11]) + int(fields[12]))
-    return out
+def system_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (all CPUs, from the first line of /proc/stat)."""
+    with open("/proc/stat") as fh:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fh.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
 
 
-def busy_processes(window: float = 0.5, threshold: float = 0.10) -> list[str]:
-    """Processes other than this one and its children using more than ``threshold`` of a CPU."""
-    ours = {os.getpid()} | {p.pid for p in _started}
-    before = _all_cpu_ticks()
+def top_cpu_processes(window: float = 0.5, n: int = 3) -> list[str]:
+    """The busiest processes over ``window`` seconds (for a 'machine is busy' message)."""
+    def ticks() -> dict[int, tuple[str, int]]:
+        out = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as fh:
+                        text = fh.read()
+                except OSError:
+                    continue
+                fields = text.rpartition(")")[2].split()
+                out[int(entry)] = (text[text.find("(") + 1:text.rfind(")")], int(fields[11]) + int(fields[12]))
+        return out
+    before = ticks()
     time.sleep(window)
-    after = _all_cpu_ticks()
-    busy = []
-    for pid, (comm, ticks) in after.items():
-        if pid in ours or pid not in before:
-            continue
-        share = (ticks - before[pid][1]) / _CLK_TCK / window
-        if share > threshold:
-            busy.append(f"{pid} {comm} {100 * share:.0f}%")
-    return busy
+    after = ticks()
+    deltas = [(t - before[pid][1], pid, comm) for pid, (comm, t) in after.items() if pid in before]
+    return [f"{pid} {comm} {100 * d / _CLK_TCK / window:.0f}%" for d, pid, comm in sorted(deltas, reverse=True)[:n] if d]
 
 
-def wait_until_quiet(max_wait: float) -> list[str]:
-    """Wait (up to ``max_wait`` s) until no other process is busy; return the busy ones if it never got quiet."""
+def others_busy_share(receiver_pid: int, window: float = 1.0) -> float:
+    """Share of one CPU used by everything but the (idle) receiver and us, over ``window`` seconds."""
+    sys0, rcv0, me0 = system_busy_s(), proc_cpu_s(receiver_pid) or 0.0, time.process_time()
+    time.sleep(window)
+    sys1, rcv1, me1 = system_busy_s(), proc_cpu_s(receiver_pid) or 0.0, time.process_time()
+    return max(0.0, (sys1 - sys0) - (rcv1 - rcv0) - (me1 - me0)) / window
+
+
+QUIET_SHARE = 0.15   # other processes together below 15 % of one CPU: quiet enough to measure
+
+
+def wait_until_quiet(receiver_pid: int, max_wait: float) -> list[str]:
+    """Wait (up to ``max_wait`` s) until other processes are quiet; return a description if they never were."""
     deadline = time.monotonic() + max_wait
     while True:
-        busy = busy_processes()
-        if not busy or time.monotonic() >= deadline:
-            return busy
-        time.sleep(2.0)
+        share = others_busy_share(receiver_pid)
+        if share < QUIET_SHARE:
+            return []
+        if time.monotonic() >= deadline:
+            return [f"other processes used {100 * share:.0f}% of a CPU"] + top_cpu_processes()
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -456,7 +464,8 @@ class Run:
     peak_rss_mb: float | None = None
     receiver_cpu_s: float | None = None   # CPU the receiver used during the send
     sender_cpu_s: float | None = None
-    busy_others: list[str] = field(default_factory=list)   # other busy processes seen before the run
+    other_cpu_s: float | None = None      # the rest of the machine (kernel threads, other processes) meanwhile
+    busy_others: list[str] = field(default_factory=list)   # set when the machine was not quiet before the run
 
     @property
     def rate(self) -> float:
@@ -543,13 +552,14 @@ def timed_run(key: str, scenario: str, senders: int, repeat: int, files: list[Pa
             time.sleep(1.0)   # settle after start-up (and: ClinicBox idle RSS is read 1 s after listening)
             if key == "clinicbox":
                 run.idle_rss_mb = proc_status_mb(receiver.pid, "VmRSS")
-            run.busy_others = wait_until_quiet(quiet_wait)
-            cpu0 = proc_cpu_s(receiver.pid)
+            run.busy_others = wait_until_quiet(receiver.pid, quiet_wait)
+            cpu0, sys0 = proc_cpu_s(receiver.pid), system_busy_s()
             sent = send(files, receiver.ae_title, receiver.port, senders, work)
-            cpu1 = proc_cpu_s(receiver.pid)
+            cpu1, sys1 = proc_cpu_s(receiver.pid), system_busy_s()
             run.seconds, run.sender_cpu_s, errors = sent.seconds, sent.sender_cpu_s, sent.errors
             if cpu0 is not None and cpu1 is not None:
                 run.receiver_cpu_s = cpu1 - cpu0
+                run.other_cpu_s = max(0.0, (sys1 - sys0) - run.receiver_cpu_s - run.sender_cpu_s)
             if key == "clinicbox":
                 run.peak_rss_mb = proc_status_mb(receiver.pid, "VmHWM")
             run.stored = receiver.count()
@@ -573,7 +583,8 @@ def print_progress(run: Run) -> None:
     if run.busy_others:
         print(f"  WARNING: machine not quiet before this run: {', '.join(run.busy_others)}", flush=True)
     if run.ok:
-        extra = f"  CPU: receiver {fmt(run.receiver_cpu_s, '.2f')} s, senders {fmt(run.sender_cpu_s, '.2f')} s"
+        extra = (f"  CPU s: receiver {fmt(run.receiver_cpu_s, '.2f')}, senders {fmt(run.sender_cpu_s, '.2f')}, "
+                 f"rest {fmt(run.other_cpu_s, '.2f')}")
         if run.idle_rss_mb is not None:
             extra += f"; idle RSS {run.idle_rss_mb:.0f} MB, peak RSS {run.peak_rss_mb:.0f} MB"
         print(f"  [{run.scenario:<13}] {label:<34} {run.seconds:7.2f} s  {run.rate:7.0f} inst/s{extra}", flush=True)

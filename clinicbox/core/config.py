@@ -48,8 +48,8 @@ def _check_ae_title(key: str, value: str) -> None:
 class ServerSettings:
     ae_title: str = setting("CLINICBOX", "The AE title devices send to and query (Called AE Title).")
     bind: str = setting("0.0.0.0", "Address to listen on; 0.0.0.0 for every interface, 127.0.0.1 for this box only.")
-    port: int = setting(11112, "TCP port of the DICOM service (104 needs root or CAP_NET_BIND_SERVICE).",
-                        minimum=1, maximum=65535)
+    port: int = setting(11112, "TCP port of the DICOM service (104 needs root or CAP_NET_BIND_SERVICE; 0 picks a free one).",
+                        minimum=0, maximum=65535)
     max_associations: int = setting(32, "Most associations served at once; more are rejected as transient (busy).",
                                     minimum=1, maximum=1000)
     max_pdu_size: int = setting(4194304, "Largest PDU we accept, in bytes; large PDUs mean few round trips per image.",

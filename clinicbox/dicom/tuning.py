@@ -89,18 +89,21 @@ class IncomingFile:
         return n
 
     def _digest(self, data: bytes) -> None:
-        if self._meta_end is not None:
+        """Hash the bytes that lie past the file meta (its end is known once 144 bytes are in)."""
+        start = self.bytes_received  # offset of ``data`` in the file
+        if self._meta_end is None:
+            self._head += data[: max(0, 144 - start)]
+            if len(self._head) < 144:
+                return
+            # 128-byte preamble, "DICM", then (0002,0000) UL group length: value at bytes 140..144
+            (group_length,) = struct.unpack_from("<I", self._head, 140)
+            self._meta_end = 144 + group_length
+            self._head = bytearray()
+        skip = self._meta_end - start
+        if skip <= 0:
             self._hash.update(data)
-            return
-        self._head += data
-        if len(self._head) < 144:
-            return
-        # 128-byte preamble, "DICM", then (0002,0000) UL group length: value at bytes 140..144
-        (group_length,) = struct.unpack_from("<I", self._head, 140)
-        self._meta_end = 144 + group_length
-        if len(self._head) > self._meta_end:
-            self._hash.update(self._head[self._meta_end:])
-        self._head = bytearray()
+        elif skip < len(data):
+            self._hash.update(memoryview(data)[skip:])
 
     @property
     def dataset_sha256(self) -> str | None:
