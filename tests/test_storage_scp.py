@@ -40,7 +40,8 @@ STORESCU_TS_FLAG = {
 def storage_instances():
     """pydicom's bundled files that are valid, complete storage instances (by our own parser)."""
     out = []
-    for path in sorted(p for p in TEST_FILES.rglob("*") if p.is_file()):
+    candidates = [*TEST_FILES.rglob("*"), *(TEST_FILES.parent / "charset_files").glob("*.dcm")]
+    for path in sorted(p for p in candidates if p.is_file()):
         try:
             parsed = parse_file(path)
         except (InvalidObject, OSError, ValueError):

@@ -176,6 +176,8 @@ def _decode(raw: bytes, vr: str, encodings: list[str]) -> str:
     if vr in _TEXT_VRS:
         delimiters = {0x5E, 0x3D} if vr == "PN" else set()
         text = decode_bytes(raw, encodings, delimiters)
+        if vr == "PN":  # empty trailing component groups carry nothing ("Doe^John==" is "Doe^John")
+            return text.strip(" \x00").rstrip("=")
         return text.rstrip(" \x00").lstrip(" ") if vr not in ("ST", "LT", "UT") else text.rstrip(" \x00")
     return raw.decode("ascii", "replace").strip(" \x00")
 
