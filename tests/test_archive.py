@@ -166,8 +166,7 @@ def test_repair_reconciles_disk_and_index(tmp_path):
     # 3. an indexed object whose file is gone
     os.unlink(data / rows[0])
     # 4. garbage in objects/
-    (data / "objects" / "00" / "00").mkdir(parents=True, exist_ok=True)
-    (data / "objects" / "00" / "00" / ("0" * 64 + ".dcm")).write_bytes(b"not dicom")
+    (data / "objects" / "00" / ("0" * 64 + ".dcm")).write_bytes(b"not dicom")
 
     b = Archive(settings)
     b.open()

@@ -55,7 +55,7 @@ def storage_instances():
 
 def stored_path(box: ClinicBox, uid: str) -> pathlib.Path:
     key = uid_key(uid)
-    return box.data_dir / "objects" / key[:2] / key[2:4] / f"{key}.dcm"
+    return box.data_dir / "objects" / key[:2] / f"{key}.dcm"
 
 
 def test_echo(server, echoscu):
