@@ -195,3 +195,36 @@ def test_sigterm_finishes_and_exits_zero(tmp_path, storescu):
         studies = json.loads(again.cli("studies", "--json").stdout)
     assert studies[0]["num_instances"] == 40
     assert "stop requested: finishing stores in flight" in box.log()
+
+
+def test_accepted_sockets_get_tcp_nodelay_and_a_large_pdu(tmp_path):
+    import socket as _socket
+
+    from clinicbox.app import make_appliance
+    from clinicbox.core.config import Config
+
+    appliance = make_appliance(Config().with_overrides(data_dir=str(tmp_path / "d"), port=0))
+    appliance.start()
+    try:
+        ae, assoc = _scu(appliance.dicom.port, [build_context("1.2.840.10008.1.1")])
+        assert assoc.is_established
+        assert assoc.acceptor.maximum_length == 4194304  # what ClinicBox told the sender
+        (server_side,) = [a for a in appliance.dicom._server.active_associations if a.is_established]
+        sock = server_side.dul.socket.socket
+        assert sock.getsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY) != 0
+        assoc.release()
+        import sqlite3
+        mode = sqlite3.connect(tmp_path / "d" / "index.sqlite3").execute("PRAGMA journal_mode").fetchone()[0]
+        assert mode == "wal"
+    finally:
+        appliance.stop()
+
+
+def test_no_patient_names_or_ids_in_the_log_at_info(server, storescu, tmp_path):
+    files = write_ct_series(tmp_path / "s", 2, rows=16, cols=16, patient_id="PIDSECRET9",
+                            patient_name="Zyxwvut^Secretname")
+    subprocess.run([storescu, "-aec", "CLINICBOX", "127.0.0.1", str(server.port), *map(str, files)], check=True)
+    server.cli("studies")
+    log = server.log()
+    assert "2 stored" in log
+    assert "Zyxwvut" not in log and "Secretname" not in log and "PIDSECRET9" not in log
