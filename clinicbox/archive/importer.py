@@ -17,9 +17,6 @@ from clinicbox.archive.ingest import IMPORT_PREFIX, Archive, IngestError, StoreO
 
 log = logging.getLogger(__name__)
 
-MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
-
-
 @dataclass
 class ImportSummary:
     imported: int = 0

@@ -158,6 +158,15 @@ class InstanceRecord:
     source: str
 
 
+def record_for(parsed, *, path: str, sha256: str, calling_ae: str, source: str) -> InstanceRecord:
+    """The index record of a parsed object (:class:`clinicbox.archive.parse.ParsedObject`)."""
+    return InstanceRecord(
+        sop_instance_uid=parsed.get("SOPInstanceUID"), sop_class_uid=parsed.get("SOPClassUID"),
+        values=parsed.values, transfer_syntax_uid=parsed.transfer_syntax, path=path, size=parsed.size,
+        sha256=sha256, header=parsed.header, header_syntax=parsed.header_syntax, calling_ae=calling_ae,
+        source=source)
+
+
 def _int_or_none(text: str) -> int | None:
     try:
         return int(text.strip()) if text else None

@@ -170,11 +170,7 @@ class Archive:
             except OSError as exc:
                 kind = "no-space" if is_no_space(exc) else "failure"
                 raise IngestError(kind, f"cannot write object into place: {exc}") from None
-            record = idx.InstanceRecord(
-                sop_instance_uid=uid, sop_class_uid=cls, values=parsed.values,
-                transfer_syntax_uid=parsed.transfer_syntax, path=relpath, size=parsed.size,
-                sha256=sha256, header=parsed.header, header_syntax=parsed.header_syntax,
-                calling_ae=calling_ae, source=source)
+            record = idx.record_for(parsed, path=relpath, sha256=sha256, calling_ae=calling_ae, source=source)
             try:
                 self.writer.call(lambda conn: _index_record(conn, record, replacing))
             except Exception as exc:

@@ -101,11 +101,8 @@ def _index_orphan(archive: Archive, relpath: str) -> bool:
         uid = parsed.get("SOPInstanceUID")
         if not uid or Path(relpath).stem != uid_key(uid):
             raise InvalidObject("file name does not match its SOP Instance UID")
-        record = idx.InstanceRecord(
-            sop_instance_uid=uid, sop_class_uid=parsed.get("SOPClassUID"), values=parsed.values,
-            transfer_syntax_uid=parsed.transfer_syntax, path=relpath, size=parsed.size,
-            sha256=file_sha256(path, parsed.dataset_offset), header=parsed.header,
-            header_syntax=parsed.header_syntax, calling_ae="", source="repair")
+        record = idx.record_for(parsed, path=relpath, sha256=file_sha256(path, parsed.dataset_offset),
+                                calling_ae="", source="repair")
 
         def _insert(conn):
             if conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?", (uid,)).fetchone():
