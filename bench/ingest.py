@@ -73,6 +73,7 @@ TARGET_IDLE_RSS_MB = 150
 TARGET_BIG_PEAK_RSS_MB = 300
 
 SINGLE = "1 association"
+KEEP = False   # --keep: leave every run's folder (receiver data, receiver and storescu logs) in place
 
 
 def parallel_name(n: int) -> str:
@@ -574,7 +575,8 @@ def timed_run(key: str, scenario: str, senders: int, repeat: int, files: list[Pa
     except Exception as exc:
         run.error = f"{type(exc).__name__}: {exc}\n--- receiver log ---\n{receiver.log_tail()}"
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not KEEP:
+            shutil.rmtree(work, ignore_errors=True)
     return run
 
 
@@ -601,9 +603,24 @@ def find_py_spy() -> str | None:
     return str(candidate) if candidate.exists() else shutil.which("py-spy")
 
 
-def top_functions(raw: Path, n: int = 15) -> dict:
-    """Self and inclusive sample counts per function from py-spy's ``--format raw`` output."""
+PROFILE_MODES = {
+    "wall": ["--idle"],   # every thread, waiting included: where each thread's wall time goes
+    "cpu": [],            # py-spy's default: threads it thinks are running
+    "gil": ["--gil"],     # only the thread holding the GIL: pure Python work
+}
+
+
+def _frame_name(frame: str) -> str:
+    """'func (path/to/file.py:123)' -> 'func (file.py:123)'."""
+    func, _, where = frame.partition(" (")
+    return f"{func} ({where.rsplit('/', 1)[-1]}" if where else func
+
+
+def analyse_stacks(raw: Path, n: int = 12, depth: int = 3) -> dict:
+    """Sample counts from py-spy's ``--format raw --threads`` output: overall self/inclusive per function,
+    and per thread the most frequent innermost ``depth`` frames (leaf <- caller <- caller)."""
     self_c, incl_c, threads = Counter(), Counter(), Counter()
+    per_thread: dict[str, Counter] = defaultdict(Counter)
     total = 0
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
@@ -612,63 +629,71 @@ def top_functions(raw: Path, n: int = 15) -> dict:
         c = int(count)
         total += c
         frames = stack.split(";")
-        if frames and frames[0].startswith(("thread (", "process ")):
-            threads[frames[0]] += c
-        funcs = [f for f in frames if not f.startswith(("thread (", "process "))]
+        thread = frames[0] if frames[0].startswith(("thread (", "process ")) else "?"
+        funcs = [_frame_name(f) for f in frames if not f.startswith(("thread (", "process "))]
+        threads[thread] += c
         if funcs:
             self_c[funcs[-1]] += c
+            per_thread[thread][" <- ".join(reversed(funcs[-depth:]))] += c
         for f in set(funcs):
             incl_c[f] += c
     return {"total_samples": total, "self": self_c.most_common(n), "inclusive": incl_c.most_common(n),
-            "threads": threads.most_common(n)}
+            "threads": [(t, c, per_thread[t].most_common(n)) for t, c in threads.most_common(8)]}
 
 
-def profile_clinicbox(files: list[Path], work: Path, senders: int, rate: int, out_dir: Path) -> dict | None:
+def profile_clinicbox(files: list[Path], work: Path, senders: int, rate: int, mode: str,
+                      out_dir: Path) -> dict | None:
+    """One extra, untimed ClinicBox run with py-spy attached (record, raw collapsed stacks)."""
     py_spy = find_py_spy()
     if py_spy is None:
         print("  py-spy not found: `.venv/bin/pip install py-spy` (not a project dependency)")
         return None
     scenario = SINGLE if senders == 1 else parallel_name(senders)
-    raw = out_dir / f"clinicbox-{senders}-senders.txt"   # collapsed stacks: flamegraph.pl or speedscope
+    raw = out_dir / f"clinicbox-{senders}-senders-{mode}.txt"   # collapsed stacks: flamegraph.pl, speedscope
     receiver = ClinicBoxReceiver(work)
-    result = None
     sync_disk()
     try:
         with running(receiver):
             time.sleep(1.0)
             spy = spawn([py_spy, "record", "--pid", str(receiver.pid), "--rate", str(rate), "--threads",
-                         "--format", "raw", "-o", str(raw)], log_path=work / "py-spy.log")
+                         *PROFILE_MODES[mode], "--format", "raw", "-o", str(raw)], log_path=work / "py-spy.log")
             time.sleep(1.0)   # let py-spy attach
             sent = send(files, receiver.ae_title, receiver.port, senders, work)
-            seconds, errors = sent.seconds, sent.errors
             spy.send_signal(signal.SIGINT)
             try:
                 spy.wait(60)
             except subprocess.TimeoutExpired:
                 stop_process(spy)
-            if errors or not raw.exists():
-                print(f"  profiling run failed: {errors or tail(work / 'py-spy.log')}")
+            if sent.errors or not raw.exists():
+                print(f"  profiling run failed: {sent.errors or tail(work / 'py-spy.log')}")
                 return None
-            result = {"scenario": scenario, "seconds_under_profiler": seconds, "rate_hz": rate,
-                      "raw": str(raw), **top_functions(raw)}
+            return {"scenario": scenario, "mode": mode, "seconds_under_profiler": sent.seconds, "rate_hz": rate,
+                    "raw": str(raw), **analyse_stacks(raw)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return result
 
 
 def print_profile(p: dict) -> None:
     total = max(p["total_samples"], 1)
-    secs = total / p["rate_hz"]
-    print(f"\nProfile of ClinicBox ({p['scenario']}, py-spy {p['rate_hz']} Hz, CPU samples of all threads: "
-          f"{total} = {secs:.2f} CPU-s; send took {p['seconds_under_profiler']:.2f} s under the profiler)")
+    what = {"wall": "all threads, waiting included", "cpu": "threads py-spy sees running",
+            "gil": "the thread holding the GIL"}[p["mode"]]
+    print(f"\nProfile of ClinicBox, {p['scenario']}: py-spy {p['mode']} mode ({what}), {p['rate_hz']} Hz, "
+          f"{total} samples; the send took {p['seconds_under_profiler']:.2f} s under the profiler")
     print(f"  collapsed stacks (flamegraph.pl / speedscope): {p['raw']}")
-    print("  samples per thread:")
-    for name, c in p["threads"]:
-        print(f"    {c:6d}  {100 * c / total:5.1f}%  {name}")
-    for kind in ("self", "inclusive"):
-        print(f"  top functions by {kind} samples:")
-        for name, c in p[kind]:
-            print(f"    {c:6d}  {100 * c / total:5.1f}%  {name[:150]}")
+    quiet = []
+    for name, c, top in p["threads"]:
+        if top and top[0][1] >= 0.95 * c:   # one stack all the time: a thread that only waited
+            quiet.append(f"{name} ({top[0][0].split(' <- ')[0]})")
+            continue
+        print(f"  {name}: {c} samples")
+        for stack, k in top[:8]:
+            print(f"    {100 * k / max(c, 1):5.1f}%  {stack[:160]}")
+    if quiet:
+        print("  threads that only waited: " + "; ".join(quiet))
+    if p["mode"] != "wall":
+        print("  top functions, all threads (self samples):")
+        for name, c in p["self"]:
+            print(f"    {100 * c / total:5.1f}%  {name[:150]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -864,6 +889,8 @@ def print_report(args, summaries: list[Summary], scenarios: list[str], rats: lis
           f"repeat {args.repeat}: best and median wall time of the storescu process(es) ===")
     print("Sender: DCMTK storescu, TCP_NODELAY=1 in the sender's environment for every run; "
           "one association per storescu process.")
+    print("Durability before Success: ClinicBox fsync(file) + fsync(dir) + index commit; Orthanc 1.10 fdatasync(file) "
+          "(SyncStorageArea, on by default); storescp none. storescp runs with --fork when senders > 1.")
     header = (f"{'scenario':<14} {'receiver':<34} {'best s':>7} {'median s':>8} {'inst/s':>7} {'inst/s med':>10} "
               f"{'MB/s':>6} {'rcv CPU s':>9}  runs")
     print(header)
@@ -947,13 +974,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-shipped", action="store_true", help="skip Orthanc as shipped (about 25 s per run)")
     p.add_argument("--profile", action="store_true",
                    help="after the timed runs, one untimed ClinicBox run (each scenario) under py-spy; print top functions")
+    p.add_argument("--profile-mode", choices=sorted(PROFILE_MODES), default="wall",
+                   help="wall: every thread incl. waiting (default); cpu: running threads; gil: GIL holder only")
     p.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second (default 250)")
     p.add_argument("--tmp-dir", type=Path, default=Path(tempfile.gettempdir()),
                    help="where the temp folders go (default: system temp dir)")
     p.add_argument("--quiet-wait", type=float, default=30.0,
                    help="before each run wait up to this many seconds for other busy processes to calm down "
                         "(default 30); runs started on a busy machine are flagged")
-    p.add_argument("--keep", action="store_true", help="keep the temp folder (sent files, logs, profiles)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the temp folder: sent files and each run's receiver data and logs (~0.3 GB per run)")
     p.add_argument("--strict", action="store_true", help="exit 3 when a target is missed")
     args = p.parse_args(argv)
     if args.count < 1 or args.repeat < 1 or args.senders < 1:
@@ -962,7 +992,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    global KEEP
     args = parse_args(argv)
+    KEEP = args.keep
     check_tools()
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     tmp = Path(tempfile.mkdtemp(prefix="clinicbox-bench-", dir=args.tmp_dir))
@@ -1003,7 +1035,8 @@ def main(argv=None) -> int:
             prof_dir.mkdir(parents=True, exist_ok=True)
             for scenario in scenarios:
                 senders = 1 if scenario == SINGLE else args.senders
-                p = profile_clinicbox(files, tmp / f"profile-{senders}", senders, args.profile_rate, prof_dir)
+                p = profile_clinicbox(files, tmp / f"profile-{senders}", senders, args.profile_rate,
+                                      args.profile_mode, prof_dir)
                 if p:
                     profiles.append(p)
 

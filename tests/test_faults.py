@@ -295,3 +295,43 @@ def test_kill9_during_burst_loses_no_acknowledged_instance(tmp_path, storescu):
             assert dataset_bytes(stored) == dataset_bytes(src), f"{src.name} differs after kill -9"
         count = _count(again)
         assert len(acknowledged) <= count <= len(acknowledged) + 1
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_stream_of_malformed_pdus_keeps_memory_flat_and_service_up(server, echoscu):
+    import random
+    rng = random.Random(7)
+
+    def junk_connection():
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            s.settimeout(0.05)
+            kind = rng.randrange(4)
+            if kind == 0:    # random bytes
+                s.sendall(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 600))))
+            elif kind == 1:  # an A-ASSOCIATE-RQ header claiming a huge length, then silence
+                s.sendall(b"\x01\x00" + struct.pack(">I", 0x7FFFFFF0) + b"\x00" * 20)
+            elif kind == 2:  # a P-DATA-TF before any association
+                s.sendall(b"\x04\x00" + struct.pack(">I", 12) + b"\x00" * 12)
+            else:            # an A-ASSOCIATE-RQ truncated mid-item
+                s.sendall(b"\x01\x00\x00\x00\x00\x44\x00\x01\x00\x00" + b"CLINICBOX       " + b"JUNK")
+            try:
+                s.recv(64)  # an A-ABORT/A-ASSOCIATE-RJ or nothing: either way we hang up
+            except OSError:
+                pass
+
+    for _ in range(50):
+        junk_connection()
+    time.sleep(0.5)
+    before = _rss_kb(server.proc.pid)
+    for _ in range(300):
+        junk_connection()
+    time.sleep(1.0)
+    after = _rss_kb(server.proc.pid)
+    assert after - before < 20_000, f"RSS grew from {before} kB to {after} kB"
+    assert subprocess.run([echoscu, "-aec", "CLINICBOX", "127.0.0.1", str(server.port)]).returncode == 0

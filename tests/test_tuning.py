@@ -14,7 +14,8 @@ def test_installed_pynetdicom_fits_the_tuning():
     tuning.install()  # raises RuntimeError naming what changed
     assert pynetdicom._config.STORE_RECV_CHUNKED_DATASET is True
     assert pynetdicom.dimse_messages.NamedTemporaryFile is tuning._named_temporary_file
-    assert isinstance(pynetdicom.dul.time, tuning._AdaptiveTime)
+    assert isinstance(pynetdicom.dul.time, tuning._EventTime)
+    assert pynetdicom.transport.AssociationSocket.recv is tuning._recv
 
 
 def test_incoming_file_hashes_the_data_set_across_any_chunking(tmp_path):
