@@ -121,7 +121,6 @@ def test_parallel_associations_all_stored(server, storescu, tmp_path):
     studies = json.loads(server.cli("studies", "--json").stdout)
     assert sorted(s["patient_id"] for s in studies) == ["PAR0", "PAR1", "PAR2", "PAR3"]
     assert all(s["num_instances"] == 25 and s["num_series"] == 1 for s in studies)
-    assert "4 senders" not in server.log()  # sanity: the log is readable text
     assert server.log().count("association released") >= 4
 
 
