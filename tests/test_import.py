@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pydicom
 
-from tests.support.peers import REPO
+from tests.support.peers import REPO  # noqa: F401
 from tests.support.synth import write_ct_series
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
@@ -69,3 +69,19 @@ def test_studies_table_and_empty(tmp_path):
     clinicbox("import", str(tmp_path / "in"), data_dir=data)
     out = clinicbox("studies", data_dir=data).stdout
     assert "TAB1" in out and "CT" in out
+
+
+def test_import_while_the_service_receives(server, storescu, tmp_path):
+    """The CLI and the running service write the same index: both land, nothing is counted twice."""
+    import os
+    net = write_ct_series(tmp_path / "net", 40, rows=32, cols=32, patient_id="NET1")
+    write_ct_series(tmp_path / "imp", 40, rows=32, cols=32, patient_id="IMP2")
+    shutil.copy(net[0], tmp_path / "imp" / "also-sent-over-network.dcm")
+    sender = subprocess.Popen([storescu, "-aec", "CLINICBOX", "127.0.0.1", str(server.port), *map(str, net)],
+                              env={**os.environ, "TCP_NODELAY": "1"}, stderr=subprocess.PIPE, text=True)
+    r = clinicbox("import", str(tmp_path / "imp"), data_dir=server.data_dir)
+    _out, err = sender.communicate(timeout=120)
+    assert sender.returncode == 0, err
+    assert r.returncode == 0 and "rejected 0" in r.stdout, r.stdout + r.stderr
+    studies = {s["patient_id"]: s for s in json.loads(clinicbox("studies", "--json", data_dir=server.data_dir).stdout)}
+    assert studies["NET1"]["num_instances"] == 40 and studies["IMP2"]["num_instances"] == 40
