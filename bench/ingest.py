@@ -51,11 +51,10 @@ sys.path.insert(0, str(REPO))
 
 try:
     import numpy as np
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MultiFrameGrayscaleWordSecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import MultiFrameGrayscaleWordSecondaryCaptureImageStorage, generate_uid
 
     from tests.support.peers import ClinicBox, free_port
-    from tests.support.synth import ORG_ROOT, write_ct_series
+    from tests.support.synth import ORG_ROOT, base_dataset, write_ct_series
 except ImportError as exc:  # pragma: no cover - wrong interpreter
     sys.exit(f"bench/ingest.py: {exc}; run it with the project venv: .venv/bin/python bench/ingest.py")
 
@@ -710,30 +709,12 @@ def write_big_multiframe(path: Path, gib: float, rows: int = 512, cols: int = 51
     frames = max(1, round(gib * 2**30 / frame_bytes))
     if frames * frame_bytes >= 2**32 - 1:
         raise ValueError("--big-gb too large for one defined-length Pixel Data element (< 4 GiB)")
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = MultiFrameGrayscaleWordSecondaryCaptureImageStorage
-    ds.SOPClassUID = MultiFrameGrayscaleWordSecondaryCaptureImageStorage
-    ds.SOPInstanceUID = generate_uid(prefix=ORG_ROOT)
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds = base_dataset(MultiFrameGrayscaleWordSecondaryCaptureImageStorage, generate_uid(prefix=ORG_ROOT),
+                      generate_uid(prefix=ORG_ROOT), modality="OT", patient_id="SYNBIG01",
+                      patient_name="Synthetic^Big", accession="ACCBIG01",
+                      study_description="Synthetic large multi-frame", series_description="Benchmark")
     ds.ImageType = ["DERIVED", "SECONDARY"]
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20260101"
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
-    ds.AccessionNumber = "ACCBIG01"
-    ds.Modality = "OT"
     ds.ConversionType = "WSD"
-    ds.Manufacturer = "ClinicBox Synthetic"
-    ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "Synthetic large multi-frame"
-    ds.SeriesDescription = "Benchmark"
-    ds.PatientName = "Synthetic^Big"
-    ds.PatientID = "SYNBIG01"
-    ds.PatientBirthDate = "19700101"
-    ds.PatientSex = "O"
-    ds.StudyInstanceUID = generate_uid(prefix=ORG_ROOT)
-    ds.SeriesInstanceUID = generate_uid(prefix=ORG_ROOT)
     ds.StudyID = "1"
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1

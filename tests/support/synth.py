@@ -12,32 +12,42 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 ORG_ROOT = "1.2.826.0.1.3680043.10.1234."  # test-only UID prefix
 
 
-def ct_dataset(study_uid: str, series_uid: str, number: int, *, rows: int = 512, cols: int = 512,
-               patient_id: str = "SYN0001", patient_name: str = "Synthetic^Patient",
-               seed: int | None = None) -> Dataset:
+def base_dataset(sop_class: str, study_uid: str, series_uid: str, *, modality: str,
+                 patient_id: str = "SYN0001", patient_name: str = "Synthetic^Patient",
+                 accession: str = "ACC0001", study_description: str = "Synthetic CT",
+                 series_description: str = "Axial") -> Dataset:
+    """Patient, study, series and SOP common attributes of a synthetic object (no pixel module)."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.SOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = generate_uid(prefix=ORG_ROOT)
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20260101"
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
-    ds.AccessionNumber = "ACC0001"
-    ds.Modality = "CT"
+    ds.AccessionNumber = accession
+    ds.Modality = modality
     ds.Manufacturer = "ClinicBox Synthetic"
     ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "Synthetic CT"
-    ds.SeriesDescription = "Axial"
+    ds.StudyDescription = study_description
+    ds.SeriesDescription = series_description
     ds.PatientName = patient_name
     ds.PatientID = patient_id
     ds.PatientBirthDate = "19700101"
     ds.PatientSex = "O"
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
+    return ds
+
+
+def ct_dataset(study_uid: str, series_uid: str, number: int, *, rows: int = 512, cols: int = 512,
+               patient_id: str = "SYN0001", patient_name: str = "Synthetic^Patient",
+               seed: int | None = None) -> Dataset:
+    ds = base_dataset(CTImageStorage, study_uid, series_uid, modality="CT", patient_id=patient_id,
+                      patient_name=patient_name)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.StudyID = "1"
     ds.SeriesNumber = 1
     ds.InstanceNumber = number
