@@ -45,7 +45,7 @@ class Appliance:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.archive = Archive(config.storage)
-        self.dicom = DicomServer(config.server, self.archive)
+        self.dicom = DicomServer(config.server, self.archive, config.query)
         self._stop = threading.Event()
         self._lock_file = None
 

@@ -22,7 +22,7 @@ def test_show_default_is_valid_toml_with_every_key_commented():
     text = cfg.default_toml()
     data = tomllib.loads(text)
     assert cfg.from_mapping(data) == cfg.Config()
-    for section in ("server", "storage", "logging"):
+    for section in ("server", "storage", "query", "logging"):
         for f in fields(type(getattr(cfg.Config(), section))):
             assert f.name in data[section]
             assert f.metadata["doc"], f"{section}.{f.name} has no explanation"

@@ -90,6 +90,13 @@ class StorageSettings:
 
 
 @dataclass(frozen=True)
+class QuerySettings:
+    max_results: int = setting(1000, "Most answers one C-FIND returns; the rest are not sent (the SCU is told to narrow it).",
+                               minimum=1, maximum=1000000)
+    case_insensitive_names: bool = setting(True, "Match person names regardless of case (DOE* finds Doe^John); ASCII letters only.")
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     level: str = setting("INFO", "Log level for every room.",
                          choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -102,6 +109,7 @@ class LoggingSettings:
 class Config:
     server: ServerSettings = field(default_factory=ServerSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    query: QuerySettings = field(default_factory=QuerySettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
     @property
@@ -123,7 +131,8 @@ class Config:
         return cfg
 
 
-_SECTIONS: dict[str, type] = {"server": ServerSettings, "storage": StorageSettings, "logging": LoggingSettings}
+_SECTIONS: dict[str, type] = {"server": ServerSettings, "storage": StorageSettings, "query": QuerySettings,
+                              "logging": LoggingSettings}
 
 
 def _field(cls: type, name: str) -> dataclasses.Field:

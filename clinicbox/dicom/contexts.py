@@ -13,6 +13,8 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification, register_uid, uid_to_service_class
 
 VERIFICATION = Verification
+#: what non-storage services (C-FIND …) accept: the uncompressed syntaxes
+NATIVE_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2")
 _NOT_STORAGE = ("Storage Commitment", "Media Storage Directory")
 
 

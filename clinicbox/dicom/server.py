@@ -12,8 +12,9 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
 from clinicbox.archive.ingest import Archive
-from clinicbox.core.config import ServerSettings
-from clinicbox.dicom import contexts, handlers, tuning
+from clinicbox.archive.query import QueryOptions
+from clinicbox.core.config import QuerySettings, ServerSettings
+from clinicbox.dicom import contexts, find, handlers, tuning
 from clinicbox.dicom.session import session_of
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ def _log_device(ae_title: str, host: str, fut) -> None:
 class DicomServer:
     """Hosts every SCP on one port. Built by the app's composition root."""
 
-    def __init__(self, settings: ServerSettings, archive: Archive) -> None:
+    def __init__(self, settings: ServerSettings, archive: Archive,
+                 query: QuerySettings = QuerySettings()) -> None:
         self.settings = settings
         self.archive = archive
         self.ae: AE | None = None
@@ -53,6 +55,8 @@ class DicomServer:
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_C_ECHO, handlers.handle_echo),
             (evt.EVT_C_STORE, handlers.handle_store, [archive]),
+            (evt.EVT_C_FIND, find.handle_find,
+             [archive, QueryOptions(query.case_insensitive_names, query.max_results)]),
         ]
 
     # --- life cycle ---------------------------------------------------------------------------
@@ -75,6 +79,8 @@ class DicomServer:
         ae.add_supported_context(contexts.VERIFICATION)
         syntaxes = frozenset(contexts.transfer_syntaxes())
         self._supported = {uid: syntaxes for uid in (contexts.VERIFICATION, *contexts.storage_sop_classes())}
+        native = frozenset(contexts.NATIVE_SYNTAXES)
+        self._supported.update({uid: native for uid in find.MODELS})
         return ae
 
     def start(self) -> None:

@@ -1,0 +1,82 @@
+"""C-FIND SCP door (Patient Root and Study Root): identifier in, answers from the archive room out."""
+
+from __future__ import annotations
+
+import logging
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
+
+from clinicbox.archive.ingest import Archive
+from clinicbox.archive.query import QueryOptions, QueryRefused, find, requested_keywords
+from clinicbox.dicom.session import session_of
+
+log = logging.getLogger(__name__)
+
+MODELS = {
+    str(PatientRootQueryRetrieveInformationModelFind): "PATIENT",
+    str(StudyRootQueryRetrieveInformationModelFind): "STUDY",
+}
+PENDING, SUCCESS, CANCEL = 0xFF00, 0x0000, 0xFE00
+UNABLE_TO_PROCESS = 0xC000
+
+
+def _plain(value):
+    if isinstance(value, (list, MultiValue)):
+        return [str(v) for v in value]
+    return "" if value is None else str(value)
+
+
+def _charset_for(answer: Dataset, asked: list[str]) -> list[str] | str | None:
+    texts = [str(e.value) for e in answer if e.VR in ("PN", "LO", "SH", "ST", "LT", "UT", "UC") and e.value]
+    if all(t.isascii() for t in texts):
+        return asked or None
+    if asked and asked != ["ISO_IR 192"]:
+        try:
+            from pydicom.charset import convert_encodings
+            encodings = convert_encodings(asked)
+            if len(encodings) == 1:
+                for t in texts:
+                    t.encode(encodings[0])
+                return asked
+        except (UnicodeEncodeError, LookupError, ValueError):
+            pass
+    return "ISO_IR 192"
+
+
+def handle_find(event, archive: Archive, options: QueryOptions):
+    model = MODELS.get(str(event.request.AffectedSOPClassUID))
+    session = session_of(event.assoc)
+    identifier = event.identifier
+    level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+    asked_charset = identifier.get("SpecificCharacterSet")
+    asked = [asked_charset] if isinstance(asked_charset, str) and asked_charset else list(asked_charset or [])
+    values = {elem.keyword: _plain(elem.value) for elem in identifier if elem.keyword
+              and elem.keyword not in ("QueryRetrieveLevel", "SpecificCharacterSet") and elem.VR != "SQ"}
+    requested = requested_keywords(identifier)
+    count = 0
+    try:
+        for answer in find(archive.index, model, level, values, requested, options):
+            if event.is_cancelled:
+                log.info("C-FIND from %s cancelled after %d answers", session.who, count)
+                yield CANCEL, None
+                return
+            charset = _charset_for(answer, asked)
+            if charset:
+                answer.SpecificCharacterSet = charset
+            count += 1
+            yield PENDING, answer
+    except QueryRefused as exc:
+        log.warning("C-FIND from %s refused (0x%04X): %s", session.who, exc.status, exc.reason)
+        yield exc.status, None
+        return
+    except Exception:
+        log.exception("C-FIND from %s failed", session.who)
+        yield UNABLE_TO_PROCESS, None
+        return
+    log.info("C-FIND %s level from %s: %d answer(s)", level, session.who, count)
+    yield SUCCESS, None

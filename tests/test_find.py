@@ -1,0 +1,132 @@
+"""C-FIND SCP (Patient Root and Study Root) with DCMTK findscu as the independent client."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.support.peers import ClinicBox, dcmtk
+from tests.support.synth import ORG_ROOT, ct_dataset
+
+STUDIES = [  # patient id, name, date, modality, series count, instances per series
+    ("FND1", "Doe^John", "20240115", "CT", 2, 3),
+    ("FND2", "Doe^Jane", "20240620", "MR", 1, 2),
+    ("FND3", "Müller^Jürgen", "20241231", "US", 1, 1),
+]
+
+
+def _populate(box: ClinicBox, tmp: Path) -> dict:
+    uids = {}
+    folder = tmp / "in"
+    folder.mkdir()
+    for pid, name, date, modality, nseries, per in STUDIES:
+        study = pydicom.uid.generate_uid(prefix=ORG_ROOT)
+        uids[pid] = {"study": study, "series": []}
+        for s in range(nseries):
+            series = pydicom.uid.generate_uid(prefix=ORG_ROOT)
+            uids[pid]["series"].append(series)
+            for n in range(1, per + 1):
+                ds = ct_dataset(study, series, n, rows=4, cols=4, patient_id=pid, patient_name=name)
+                ds.SpecificCharacterSet = "ISO_IR 192"
+                ds.StudyDate, ds.Modality, ds.SeriesNumber = date, modality, s + 1
+                ds.save_as(folder / f"{pid}-{s}-{n}.dcm", enforce_file_format=True)
+    r = box.cli("import", str(folder))
+    assert "rejected 0" in r.stdout, r.stdout + r.stderr
+    return uids
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("find")
+    box = ClinicBox(tmp / "data").start()
+    uids = _populate(box, tmp)
+    yield box, uids, tmp
+    box.stop()
+
+
+def findscu(box, tmp, *args, model="-S", expect_rc=0, verbose=False):
+    out = tmp / f"rsp-{abs(hash(args))}"
+    out.mkdir(exist_ok=True)
+    for f in out.iterdir():
+        f.unlink()
+    r = subprocess.run([dcmtk("findscu"), model, *(["-v"] if verbose else []), "-aec", "CLINICBOX", "-X", "-od", str(out), "127.0.0.1",
+                        str(box.port), *[a for k in args for a in ("-k", k)]], capture_output=True, text=True)
+    assert r.returncode == expect_rc, r.stderr
+    return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))], r
+
+
+def test_study_level_wildcard_returns_requested_and_computed_keys(archive):
+    box, uids, tmp = archive
+    answers, _ = findscu(box, tmp, "QueryRetrieveLevel=STUDY", "PatientName=Doe*", "StudyInstanceUID=",
+                         "StudyDate=", "ModalitiesInStudy=", "NumberOfStudyRelatedInstances=",
+                         "NumberOfStudyRelatedSeries=", "AccessionNumber=")
+    got = {str(a.PatientName): a for a in answers}
+    assert set(got) == {"Doe^John", "Doe^Jane"}
+    john = got["Doe^John"]
+    assert john.StudyInstanceUID == uids["FND1"]["study"]
+    assert (john.NumberOfStudyRelatedSeries, john.NumberOfStudyRelatedInstances) == (2, 6)
+    assert john.ModalitiesInStudy == "CT" and john.AccessionNumber == "ACC0001"
+    asked = {"QueryRetrieveLevel", "PatientName", "StudyInstanceUID", "StudyDate", "ModalitiesInStudy",
+             "NumberOfStudyRelatedInstances", "NumberOfStudyRelatedSeries", "AccessionNumber",
+             "SpecificCharacterSet"}
+    assert {e.keyword for e in john} <= asked, "answers carry exactly the requested keys"
+
+
+def test_case_insensitive_names_and_date_range(archive):
+    box, _uids, tmp = archive
+    answers, _ = findscu(box, tmp, "QueryRetrieveLevel=STUDY", "PatientName=doe*", "StudyDate=20240601-")
+    assert [str(a.PatientName) for a in answers] == ["Doe^Jane"]
+
+
+def test_patient_root_patient_level(archive):
+    box, _uids, tmp = archive
+    answers, _ = findscu(box, tmp, "QueryRetrieveLevel=PATIENT", "PatientID=FND1", "PatientName=",
+                         "NumberOfPatientRelatedStudies=", "NumberOfPatientRelatedInstances=", model="-P")
+    (a,) = answers
+    assert (str(a.PatientName), a.NumberOfPatientRelatedStudies, a.NumberOfPatientRelatedInstances) == \
+        ("Doe^John", 1, 6)
+
+
+def test_series_and_image_levels(archive):
+    box, uids, tmp = archive
+    study = uids["FND1"]["study"]
+    answers, _ = findscu(box, tmp, "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study}",
+                         "SeriesInstanceUID=", "Modality=", "SeriesNumber=", "NumberOfSeriesRelatedInstances=")
+    assert sorted(a.SeriesNumber for a in answers) == [1, 2]
+    assert all(a.NumberOfSeriesRelatedInstances == 3 and a.Modality == "CT" for a in answers)
+    series = uids["FND1"]["series"][0]
+    answers, _ = findscu(box, tmp, "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={study}",
+                         f"SeriesInstanceUID={series}", "SOPInstanceUID=", "InstanceNumber=", "Rows=")
+    assert sorted(a.InstanceNumber for a in answers) == [1, 2, 3]
+    assert all(a.Rows == 4 for a in answers), "keys without a column come from the stored header"
+
+
+@pytest.mark.parametrize("charset, encoding", [("ISO_IR 192", "utf-8"), ("ISO_IR 100", "latin-1")])
+def test_non_ascii_name_in_both_character_sets(archive, charset, encoding):
+    box, _uids, tmp = archive
+    answers, _ = findscu(box, tmp, "QueryRetrieveLevel=STUDY", f"SpecificCharacterSet={charset}",
+                         "PatientName=M*", "PatientID=")
+    (a,) = answers
+    assert a.SpecificCharacterSet == charset
+    assert str(a.PatientName) == "Müller^Jürgen"
+    assert a["PatientName"].value.original_string == "Müller^Jürgen".encode(encoding)
+
+
+def test_relational_query_refused(archive):
+    box, _uids, tmp = archive
+    answers, r = findscu(box, tmp, "QueryRetrieveLevel=SERIES", "Modality=CT", "SeriesInstanceUID=", verbose=True)
+    assert answers == []
+    assert "Final Find Response (Error: DataSetDoesNotMatchSOPClass)" in r.stderr  # DCMTK's name for 0xA900
+    assert "needs a single StudyInstanceUID" in box.log()
+
+
+def test_answer_cap(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[query]\nmax_results = 2\n")
+    with ClinicBox(tmp_path / "data", config=config) as box:
+        _populate(box, tmp_path)
+        answers, _ = findscu(box, tmp_path, "QueryRetrieveLevel=STUDY", "StudyInstanceUID=")
+        assert len(answers) == 2
