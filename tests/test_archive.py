@@ -104,8 +104,9 @@ def test_same_uid_different_content_follows_policy(tmp_path, policy, outcome, ke
         assert "Sent" not in caplog.text, "no patient names in logs above DEBUG"
         assert a.index.studies()[0]["patient_name"] == kept_name
         assert a.index.counts()["instances"] == 1
-        stored = a.store.abspath(a.store.relpath_for(ds.SOPInstanceUID))
+        stored = a.store.abspath(a.index.instance(ds.SOPInstanceUID)["path"])
         assert str(pydicom.dcmread(stored).PatientName) == kept_name
+        assert len(list(a.store.objects.rglob("*.dcm"))) == 1, "the replaced file is gone, only one left"
     finally:
         a.close()
 
@@ -187,3 +188,38 @@ def test_repair_reconciles_disk_and_index(tmp_path):
         assert b.index.missing_paths() == set()
     finally:
         b.close()
+
+
+def test_failed_replacement_keeps_the_acknowledged_object(tmp_path):
+    import sqlite3
+    a = Archive(StorageSettings(data_dir=str(tmp_path / "data"), duplicate_policy="replace"))
+    a.open()
+    try:
+        first = _new_ct(tmp_path, "a.dcm", patient_name="First^Sent")
+        a.store_file(first)
+        ds = pydicom.dcmread(first)
+        ds.PatientName = "Second^Sent"
+        ds.save_as(tmp_path / "b.dcm")
+        conn = sqlite3.connect(a.db_path)
+        conn.execute("CREATE TRIGGER fail BEFORE INSERT ON instances BEGIN SELECT RAISE(ABORT, 'injected'); END")
+        conn.commit()
+        conn.close()
+        with pytest.raises(IngestError):
+            a.store_file(tmp_path / "b.dcm")
+        row = a.index.instance(ds.SOPInstanceUID)
+        stored = a.store.abspath(row["path"])
+        assert str(pydicom.dcmread(stored).PatientName) == "First^Sent"
+        from clinicbox.archive.files import file_sha256
+        from clinicbox.archive.parse import parse_file as _parse
+        assert file_sha256(stored, _parse(stored).dataset_offset) == row["sha256"]
+        assert len(list(a.store.objects.rglob("*.dcm"))) == 1
+    finally:
+        a.close()
+
+
+def test_hostile_character_set_is_stored_not_crashed_on(archive, tmp_path):
+    p = _new_ct(tmp_path)
+    data = p.read_bytes().replace(b"ISO_IR 100", b"ISO_IR\x00100")
+    bad = tmp_path / "bad-charset.dcm"
+    bad.write_bytes(data)
+    assert archive.store_file(bad).outcome is StoreOutcome.STORED

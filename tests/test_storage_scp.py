@@ -54,8 +54,17 @@ def storage_instances():
 
 
 def stored_path(box: ClinicBox, uid: str) -> pathlib.Path:
-    key = uid_key(uid)
-    return box.data_dir / "objects" / key[:2] / f"{key}.dcm"
+    """Where the index says the object is (a replacement gets a versioned name beside the first)."""
+    import sqlite3
+    conn = sqlite3.connect(box.data_dir / "index.sqlite3")
+    try:
+        row = conn.execute("SELECT path FROM instances WHERE sop_instance_uid=?", (uid,)).fetchone()
+    finally:
+        conn.close()
+    if row is None:
+        key = uid_key(uid)
+        return box.data_dir / "objects" / key[:2] / f"{key}.dcm"
+    return box.data_dir / row[0]
 
 
 def test_echo(server, echoscu):

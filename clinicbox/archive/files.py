@@ -72,10 +72,14 @@ class ObjectStore:
             fsync_dir(self.objects)
         fsync_dir(self.root)
 
-    def relpath_for(self, sop_instance_uid: str) -> str:
-        """Path of the object for this UID, relative to the data dir (as kept in the index)."""
+    def relpath_for(self, sop_instance_uid: str, version: str | None = None) -> str:
+        """Path of the object for this UID, relative to the data dir (as kept in the index).
+
+        ``version`` names a replacement (duplicate_policy = replace), which is written beside the
+        object it replaces rather than over it.
+        """
         key = uid_key(sop_instance_uid)
-        return f"{OBJECTS}/{key[:2]}/{key}.dcm"
+        return f"{OBJECTS}/{key[:2]}/{key}.{version}.dcm" if version else f"{OBJECTS}/{key[:2]}/{key}.dcm"
 
     def abspath(self, relpath: str) -> Path:
         return self.root / relpath

@@ -93,6 +93,14 @@ def import_paths(archive: Archive, paths: Iterable[Path],
                  progress: Callable[[int, int], None] | None = None) -> ImportSummary:
     files = list(collect(paths))
     summary = ImportSummary()
+    with archive.importing():
+        _import_files(archive, files, summary, progress)
+    if summary.rejected:
+        log.info("import: %d file(s) rejected", len(summary.rejected))
+    return summary
+
+
+def _import_files(archive: Archive, files: list[Path], summary: ImportSummary, progress) -> None:
     for n, path in enumerate(files, 1):
         try:
             if not path.is_file():
@@ -110,8 +118,8 @@ def import_paths(archive: Archive, paths: Iterable[Path],
             log.debug("import rejected %s: %s", path, exc.reason)
         except (OSError, InvalidDicomError) as exc:
             summary.rejected.append((str(path), str(exc)))
+        except Exception as exc:  # one bad file never stops an import
+            log.exception("import of %s failed", path)
+            summary.rejected.append((str(path), f"unexpected error: {exc}"))
         if progress:
             progress(n, len(files))
-    if summary.rejected:
-        log.info("import: %d file(s) rejected", len(summary.rejected))
-    return summary

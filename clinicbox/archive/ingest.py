@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from clinicbox.archive import index as idx
-from clinicbox.archive.files import ObjectStore, file_sha256, uid_key
+from clinicbox.archive.files import ObjectStore, file_sha256, fsync_dir, uid_key
 from clinicbox.archive.parse import InvalidObject, ParsedObject, parse_file
 from clinicbox.archive.writer import IndexWriter
 from clinicbox.core.config import StorageSettings
@@ -36,6 +36,7 @@ _NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 _LOCK_STRIPES = 64
 #: incoming/ files of a ``clinicbox import`` process are named import-<pid>-…; repair spares live ones
 IMPORT_PREFIX = "import-"
+REPAIR_LOCK = "repair.lock"
 
 
 class StoreOutcome(Enum):
@@ -80,8 +81,10 @@ class Archive:
         self.store = ObjectStore(Path(settings.data_dir))
         self.db_path = self.store.root / idx.INDEX_FILE
         self.index = idx.Index(self.db_path)
-        self.writer = IndexWriter(self.db_path, synchronous=settings.index_synchronous,
-                                  batch_max=settings.writer_batch_max)
+        # With duplicate_policy = replace an acknowledged replacement lives only through its index
+        # commit (the old file goes once it is committed), so that commit must survive a power cut.
+        synchronous = "full" if settings.duplicate_policy == "replace" else settings.index_synchronous
+        self.writer = IndexWriter(self.db_path, synchronous=synchronous, batch_max=settings.writer_batch_max)
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._lock_fd: int | None = None
         self.listeners: list[Callable[[InstanceStored], None]] = []
@@ -103,6 +106,13 @@ class Archive:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    @contextmanager
+    def importing(self):
+        """Held (shared) by ``clinicbox import`` for its whole run; start-up repair needs it alone."""
+        with open(self.store.root / REPAIR_LOCK, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_SH)
+            yield
 
     @contextmanager
     def _uid_lock(self, uid: str):
@@ -165,6 +175,11 @@ class Archive:
             elif existing is not None:
                 replacing = True  # row flagged missing: this copy restores it
             relpath = self.store.relpath_for(uid)
+            superseded = None
+            if existing is not None and existing["state"] == "ok":
+                # never overwrite an acknowledged object before its replacement is committed
+                relpath = self.store.relpath_for(uid, version=sha256[:16])
+                superseded = existing["path"]
             try:
                 self.store.place(tmp, relpath, already_synced=synced)
             except OSError as exc:
@@ -174,14 +189,19 @@ class Archive:
             try:
                 self.writer.call(lambda conn: _index_record(conn, record, replacing))
             except Exception as exc:
-                if not replacing:
-                    # Nothing acknowledged it: take the file back out so disk and index agree.
-                    try:
-                        os.unlink(self.store.abspath(relpath))
-                    except OSError:
-                        pass
+                # Nothing acknowledged it: take the file back out so disk and index agree.
+                try:
+                    os.unlink(self.store.abspath(relpath))
+                except OSError:
+                    pass
                 kind = "no-space" if is_no_space(exc) else "failure"
                 raise IngestError(kind, f"index write failed: {exc}") from None
+            if superseded and superseded != relpath:
+                try:
+                    os.unlink(self.store.abspath(superseded))
+                    fsync_dir(self.store.abspath(superseded).parent)
+                except OSError as exc:
+                    log.warning("replaced instance %s: old file %s not removed: %s", uid, superseded, exc)
         if parsed.encoding_mismatch:
             log.warning("instance %s is encoded implicit VR under explicit transfer syntax %s; stored as received",
                         uid, parsed.transfer_syntax)

@@ -32,6 +32,10 @@ _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b
 _MAX_DEPTH = 32
 #: Top-level elements larger than this (encoded) are bulk data and stay out of the header.
 BULK_LIMIT = 16 * 1024
+#: Longest value taken into an index column (the longest text VR, LT, holds 10,240 characters).
+MAX_INDEXED_VALUE = 16 * 1024
+#: Largest data set a deflated object may inflate to (a small "deflate bomb" must not exhaust memory).
+MAX_INFLATED = 128 * 1024 * 1024
 
 # keyword -> (tag, VR); all are strings, so the value bytes read the same in either byte order.
 INDEXED = {
@@ -88,6 +92,8 @@ class ParsedObject:
     header_syntax: str = EXPLICIT_VR_LE
     #: The data set is encoded implicit VR although its transfer syntax says explicit.
     encoding_mismatch: bool = False
+    #: Specific Character Set unusable: indexed text was read as Latin-1.
+    charset_fallback: bool = False
 
     def get(self, keyword: str) -> str:
         return self.values.get(keyword, "")
@@ -213,15 +219,19 @@ def _walk_dataset(obj: ParsedObject, buf, start: int, end: int, syntax: str) -> 
         if tag >> 16 == 0x0002:
             raise InvalidObject("file meta information element inside the data set")
         wanted = _BY_TAG.get(tag)
-        if wanted and length != UNDEFINED:
+        if wanted and length != UNDEFINED and length <= MAX_INDEXED_VALUE:
             raw_values[wanted[0]] = (bytes(buf[vpos:vpos + length]), wanted[1])
         if nxt - pos <= BULK_LIMIT and tag >> 16 != 0x7FE0 and tag != 0xFFFCFFFC:
             header_parts.append(bytes(buf[pos:nxt]))
         pos = nxt
     charset = raw_values.pop("SpecificCharacterSet", (b"", "CS"))[0].decode("ascii", "replace")
     terms = [t.strip(" \x00") for t in charset.split("\\")] if charset.strip(" \x00") else []
-    encodings = convert_encodings(terms or None)
-    obj.values = {kw: _decode(raw, vr, encodings) for kw, (raw, vr) in raw_values.items()}
+    try:
+        encodings = convert_encodings(terms or None)
+        obj.values = {kw: _decode(raw, vr, encodings) for kw, (raw, vr) in raw_values.items()}
+    except Exception:  # an unknown or hostile Specific Character Set: keep the object, read text as Latin-1
+        obj.charset_fallback = True
+        obj.values = {kw: _decode(raw, vr, ["latin_1"]) for kw, (raw, vr) in raw_values.items()}
     if charset.strip(" \x00"):
         obj.values["SpecificCharacterSet"] = charset.strip(" \x00")
     obj.header = b"".join(header_parts)
@@ -248,13 +258,7 @@ def parse_file(path: str | os.PathLike) -> ParsedObject:
                 size=size,
             )
             if obj.transfer_syntax == DEFLATED_EXPLICIT_VR_LE:
-                inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-                try:
-                    data = inflater.decompress(buf[ds_start:]) + inflater.flush()
-                except zlib.error as exc:
-                    raise InvalidObject(f"deflated data set does not inflate: {exc}") from None
-                if not inflater.eof:
-                    raise InvalidObject("deflated data set is truncated")
+                data = _inflate(memoryview(buf)[ds_start:])
                 _walk_dataset(obj, data, 0, len(data), DEFLATED_EXPLICIT_VR_LE)
             else:
                 try:
@@ -267,6 +271,24 @@ def parse_file(path: str | os.PathLike) -> ParsedObject:
                     _walk_dataset(obj, buf, ds_start, size, IMPLICIT_VR_LE)
                     obj.encoding_mismatch = True
     return obj
+
+
+def _inflate(compressed) -> bytearray:
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    try:
+        for start in range(0, len(compressed), 1 << 20):
+            out += inflater.decompress(compressed[start:start + (1 << 20)], MAX_INFLATED + 1 - len(out))
+            if len(out) > MAX_INFLATED or inflater.unconsumed_tail:
+                raise InvalidObject(f"deflated data set inflates beyond {MAX_INFLATED >> 20} MB")
+        out += inflater.flush()
+    except zlib.error as exc:
+        raise InvalidObject(f"deflated data set does not inflate: {exc}") from None
+    finally:
+        compressed.release()
+    if not inflater.eof:
+        raise InvalidObject("deflated data set is truncated")
+    return out
 
 
 def _looks_implicit(buf, pos: int) -> bool:

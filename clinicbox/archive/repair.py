@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from clinicbox.archive import index as idx
 from clinicbox.archive.files import file_sha256, uid_key
-from clinicbox.archive.ingest import IMPORT_PREFIX, Archive
+from clinicbox.archive.ingest import IMPORT_PREFIX, REPAIR_LOCK, Archive
 from clinicbox.archive.parse import InvalidObject, parse_file
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,20 @@ class RepairReport:
 
 def repair(archive: Archive) -> RepairReport:
     report = RepairReport()
+    with open(archive.store.root / REPAIR_LOCK, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # A `clinicbox import` is writing right now: its files are not orphans. Only leftovers of
+            # dead processes are cleared; objects/ and the index are reconciled at the next start.
+            _clear_incoming(archive, report)
+            log.warning("start-up repair: an import is running, so objects/ and the index were not "
+                        "reconciled this time (%s)", report)
+            return report
+        return _repair(archive, report)
+
+
+def _clear_incoming(archive: Archive, report: RepairReport) -> None:
     store = archive.store
     for entry in os.scandir(store.incoming):
         if _belongs_to_live_import(entry.name):
@@ -55,6 +70,10 @@ def repair(archive: Archive) -> RepairReport:
         except OSError as exc:
             log.error("cannot remove incoming leftover %s: %s", entry.name, exc)
 
+
+def _repair(archive: Archive, report: RepairReport) -> RepairReport:
+    store = archive.store
+    _clear_incoming(archive, report)
     on_disk = set(store.iter_objects())
     indexed = archive.index.instance_paths()
     flagged = archive.index.missing_paths()
@@ -99,18 +118,23 @@ def _index_orphan(archive: Archive, relpath: str) -> bool:
     try:
         parsed = parse_file(path)
         uid = parsed.get("SOPInstanceUID")
-        if not uid or Path(relpath).stem != uid_key(uid):
+        if not uid or not uid.isascii() or not Path(relpath).name.startswith(uid_key(uid)):
             raise InvalidObject("file name does not match its SOP Instance UID")
         record = idx.record_for(parsed, path=relpath, sha256=file_sha256(path, parsed.dataset_offset),
                                 calling_ae="", source="repair")
 
         def _insert(conn):
-            if conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?", (uid,)).fetchone():
+            row = conn.execute("SELECT path, state FROM instances WHERE sop_instance_uid=?", (uid,)).fetchone()
+            if row is not None and row[1] == "ok" and archive.store.abspath(row[0]).exists():
+                return False  # an uncommitted replacement of an indexed object: never acknowledged
+            if row is not None:
                 idx.delete_instance(conn, uid)
             idx.insert_instance(conn, record)
-        archive.writer.call(_insert)
-        return True
-    except (InvalidObject, KeyError) as exc:
+            return True
+        if archive.writer.call(_insert):
+            return True
+        raise InvalidObject("an unacknowledged second version of an indexed instance")
+    except Exception as exc:  # unreadable for whatever reason: set aside, never stop the start-up
         dest = archive.store.root / QUARANTINE / Path(relpath).name
         dest.parent.mkdir(exist_ok=True)
         os.replace(path, dest)

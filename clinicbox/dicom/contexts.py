@@ -44,11 +44,21 @@ def is_known_uid(uid: str) -> bool:
 
 
 _register_lock = threading.Lock()
+_registered: set[str] = set()
+#: pynetdicom's registry is global and permanent: a peer proposing endless made-up UIDs must not grow it
+MAX_PRIVATE_CLASSES = 512
 
 
-def register_private_storage_class(uid: str) -> None:
-    """Teach pynetdicom to route C-STOREs of a private/unknown SOP class to the storage service."""
+def register_private_storage_class(uid: str) -> bool:
+    """Teach pynetdicom to route C-STOREs of a private/unknown SOP class to the storage service.
+
+    Returns False (the class is then not accepted) once MAX_PRIVATE_CLASSES are known.
+    """
     with _register_lock:
-        if uid_to_service_class(uid) is StorageServiceClass:
-            return
+        if uid in _registered or uid_to_service_class(uid) is StorageServiceClass:
+            return True
+        if len(_registered) >= MAX_PRIVATE_CLASSES or not all(c in "0123456789." for c in uid):
+            return False
         register_uid(uid, "PrivateStorage_" + re.sub(r"[^0-9]", "_", uid), StorageServiceClass)
+        _registered.add(uid)
+        return True

@@ -43,8 +43,15 @@ def handle_store(event, archive: Archive) -> Dataset:
     session.stores_in_progress += 1
     try:
         return _store(event, archive, session)
+    except Exception:  # never a traceback to the sender: a refusal, and the service stays up
+        session.failed += 1
+        log.exception("C-STORE %s from %s failed unexpectedly", event.request.AffectedSOPInstanceUID, session.who)
+        return _status(OUT_OF_RESOURCES, "internal error; see the ClinicBox log")
     finally:
         session.stores_in_progress -= 1
+        incoming = tuning.incoming_file(event)
+        if incoming is not None:
+            incoming.close()  # pynetdicom skips its own close when a handler raises
 
 
 def _store(event, archive: Archive, session) -> Dataset:

@@ -111,7 +111,8 @@ class DicomServer:
                 break
             for assoc in active:
                 session = session_of(assoc)
-                idle = session.stores_in_progress == 0 and tuning.last_receive_age(assoc) > 0.2
+                idle = (session.stores_in_progress == 0 and not tuning.receiving(assoc)
+                        and tuning.last_receive_age(assoc) > 0.2)
                 if idle or now >= deadline:
                     if not idle:
                         log.warning("aborting %s with a store still in progress (grace period over)", session.who)
@@ -162,7 +163,9 @@ class DicomServer:
             have = wanted.setdefault(uid, [])
             have.extend(ts for ts in syntaxes if ts not in have)
         for uid in unknown:
-            contexts.register_private_storage_class(uid)
+            if not contexts.register_private_storage_class(uid):
+                wanted.pop(uid, None)
+                log.warning("not accepting private SOP class %s: not a UID, or too many private classes", uid)
         assoc.acceptor.supported_contexts = [build_context(uid, ts) for uid, ts in wanted.items() if ts]
         if unknown:
             log.info("accepting %d private/unknown SOP class(es) as storage: %s", len(unknown), ", ".join(unknown))

@@ -43,7 +43,7 @@ from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom import dul as _dul
 from pynetdicom import transport as _transport
 
-_POLL_SLEEP = 0.0005      # pynetdicom's reactor polls sleep 1 ms; shorter sleeps are its own busy waits
+_REACTOR_POLL = 0.001     # the reactors' poll sleep; other sleeps (busy waits, kill/abort loops) stay real
 _RECV_CHUNK = 256 * 1024
 
 _original_ntf = _dimse_messages.NamedTemporaryFile
@@ -70,6 +70,7 @@ class IncomingFile:
         self._meta_end: int | None = None
         self._hash = hashlib.sha256()
         self.handled = False  # a C-STORE handler took it (pynetdicom then closes and unlinks it)
+        self._finalizer = weakref.finalize(self, _close_fd, fd)
 
     @property
     def file(self) -> "IncomingFile":
@@ -126,11 +127,19 @@ class IncomingFile:
 
     def close(self) -> None:
         if self._fd is not None:
+            self._finalizer.detach()
             os.close(self._fd)
             self._fd = None
 
 
 _unfinished: "weakref.WeakKeyDictionary[object, list[IncomingFile]]" = weakref.WeakKeyDictionary()
+
+
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def register_sink(ae: object, new_file: Callable[[], tuple[int, Path]]) -> None:
@@ -170,6 +179,11 @@ def _named_temporary_file(*args, **kwargs):
     files[:] = [x for x in files if not x.handled]
     files.append(f)
     return f
+
+
+def receiving(assoc) -> bool:
+    """True while ``assoc`` has an object on the wire (its data set partly received)."""
+    return any(not f.handled for f in _unfinished.get(assoc, ()))
 
 
 def incoming_file(event) -> IncomingFile | None:
@@ -265,7 +279,7 @@ class _EventTime:
 
     @staticmethod
     def sleep(seconds: float) -> None:
-        if seconds >= _POLL_SLEEP:
+        if seconds == _REACTOR_POLL:
             thread = threading.current_thread()
             if isinstance(thread, _dul.DULServiceProvider):
                 if _dul_wait(thread, seconds):
