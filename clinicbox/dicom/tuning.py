@@ -169,11 +169,34 @@ def _current_association():
     return getattr(thread, "assoc", None)
 
 
+class _Discard:
+    """Stands in for a file when a C-STORE names a presentation context that was never accepted:
+    pynetdicom fails on that right after creating the file, so nothing must be created."""
+
+    name = os.devnull
+
+    @property
+    def file(self):
+        return self
+
+    def write(self, data) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _named_temporary_file(*args, **kwargs):
     assoc = _current_association()
     sink = _sinks.get(getattr(assoc, "ae", None)) if assoc is not None else None
     if sink is None:
         return _original_ntf(*args, **kwargs)
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    if getattr(message, "context_id", None) not in getattr(assoc, "_accepted_cx", {}):
+        return _Discard()
     f = sink()
     files = _unfinished.setdefault(assoc, [])
     files[:] = [x for x in files if not x.handled]
