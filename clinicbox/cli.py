@@ -11,6 +11,7 @@ from pathlib import Path
 
 from clinicbox import __version__
 from clinicbox.core import config as cfg
+from clinicbox.archive.index import DEVICE_ROLES
 from clinicbox.core.logging import setup_logging
 
 EXIT_CONFIG = 2
@@ -44,6 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patient-id", help="only this patient's studies")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_studies)
+
+    p = sub.add_parser("devices", help="the devices ClinicBox knows: add, list, remove")
+    dsub = p.add_subparsers(dest="devices_command", metavar="SUBCOMMAND", required=True)
+    d = dsub.add_parser("add", help="add or change a device (a C-MOVE destination, a device allowed to query)")
+    _common(d)
+    d.add_argument("name", help="a name staff recognise, e.g. US-ROOM-1")
+    d.add_argument("--ae", required=True, help="the device's AE title")
+    d.add_argument("--host", required=True, help="its IP address or host name")
+    d.add_argument("--port", type=int, required=True, help="its DICOM port")
+    d.add_argument("--role", default="workstation", choices=DEVICE_ROLES, help="what it is (default workstation)")
+    d.set_defaults(func=cmd_devices_add)
+    d = dsub.add_parser("list", help="list known and seen devices")
+    _common(d)
+    d.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    d.set_defaults(func=cmd_devices_list)
+    d = dsub.add_parser("remove", help="remove a device by name (or AE title)")
+    _common(d)
+    d.add_argument("name", help="the device's name or AE title")
+    d.set_defaults(func=cmd_devices_remove)
 
     p = sub.add_parser("config", help="show or check configuration")
     csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
@@ -130,6 +150,54 @@ def cmd_studies(args, config: cfg.Config) -> int:
     print("  ".join(title.ljust(w) for _k, title, w in cols))
     for r in rows:
         print("  ".join(str(r[k] if r[k] is not None else "")[:w].ljust(w) for k, _t, w in cols))
+    return 0
+
+
+def cmd_devices_add(args, config: cfg.Config) -> int:
+    cfg.check_ae_title("--ae", args.ae)
+    if not 0 < args.port < 65536:
+        raise cfg.ConfigError("--port", f"{args.port} is not a TCP port")
+    archive = _open_archive(config)
+    try:
+        archive.add_device(args.name, args.ae, args.host, args.port, args.role)
+    except ValueError as exc:
+        print(f"clinicbox: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        archive.close()
+    print(f"device {args.name}: {args.ae} at {args.host}:{args.port} ({args.role})")
+    return 0
+
+
+def cmd_devices_list(args, config: cfg.Config) -> int:
+    archive = _open_archive(config)
+    try:
+        rows = archive.index.devices()
+    finally:
+        archive.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no devices")
+        return 0
+    print(f"{'Name':16}  {'AE title':16}  {'Host':16}  {'Port':5}  {'Role':11}  Last seen")
+    for r in rows:
+        print(f"{r['name'] or '-':16}  {r['ae_title']:16}  {r['host']:16}  {r['port'] or '':<5}  "
+              f"{r['role']:11}  {r['last_seen']}")
+    return 0
+
+
+def cmd_devices_remove(args, config: cfg.Config) -> int:
+    archive = _open_archive(config)
+    try:
+        removed = archive.remove_device(args.name)
+    finally:
+        archive.close()
+    if not removed:
+        print(f"clinicbox: no device {args.name!r}", file=sys.stderr)
+        return 1
+    print(f"removed {args.name}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def _populate(box: ClinicBox, tmp: Path) -> dict:
 def archive(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("find")
     box = ClinicBox(tmp / "data").start()
+    box.cli("devices", "add", "FINDER", "--ae", "FINDSCU", "--host", "127.0.0.1", "--port", "11113")
     uids = _populate(box, tmp)
     yield box, uids, tmp
     box.stop()
@@ -125,8 +127,32 @@ def test_relational_query_refused(archive):
 
 def test_answer_cap(tmp_path):
     config = tmp_path / "c.toml"
-    config.write_text("[query]\nmax_results = 2\n")
+    config.write_text('[query]\nmax_results = 2\nallow_from = "any"\n')
     with ClinicBox(tmp_path / "data", config=config) as box:
         _populate(box, tmp_path)
         answers, _ = findscu(box, tmp_path, "QueryRetrieveLevel=STUDY", "StudyInstanceUID=")
         assert len(answers) == 2
+
+
+def test_unknown_callers_may_not_query_by_default(archive):
+    box, _uids, tmp = archive
+    r = subprocess.run([dcmtk("findscu"), "-S", "-aet", "STRANGER", "-aec", "CLINICBOX", "127.0.0.1", str(box.port),
+                        "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID="], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "STRANGER may not query/retrieve" in box.log()
+
+
+def test_devices_cli(tmp_path):
+    box = ClinicBox(tmp_path / "data")
+    r = box.cli("devices", "add", "US-ROOM-1", "--ae", "US_ROOM1", "--host", "10.0.0.5", "--port", "104",
+                "--role", "modality")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(box.cli("devices", "list", "--json").stdout)
+    assert [(d["name"], d["ae_title"], d["host"], d["port"], d["role"]) for d in rows] == \
+        [("US-ROOM-1", "US_ROOM1", "10.0.0.5", 104, "modality")]
+    assert "US-ROOM-1" in box.cli("devices", "list").stdout
+    bad = box.cli("devices", "add", "X", "--ae", "WAY_TOO_LONG_AE_TITLE", "--host", "h", "--port", "1", check=False)
+    assert bad.returncode == 2 and "--ae" in bad.stderr
+    assert box.cli("devices", "remove", "US-ROOM-1").returncode == 0
+    assert box.cli("devices", "remove", "US-ROOM-1", check=False).returncode == 1
+    assert json.loads(box.cli("devices", "list", "--json").stdout) == []

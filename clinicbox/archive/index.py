@@ -115,6 +115,16 @@ def _m0001(db: Database) -> None:
     )
 
 
+@migrations(name="0002_device_names")
+def _m0002(db: Database) -> None:
+    db.executescript(
+        """
+        ALTER TABLE devices ADD COLUMN name TEXT NOT NULL DEFAULT '';
+        ALTER TABLE devices ADD COLUMN added_at TEXT;
+        """
+    )
+
+
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -290,6 +300,26 @@ def record_device_seen(conn: sqlite3.Connection, ae_title: str, host: str) -> bo
     return True
 
 
+DEVICE_ROLES = ("modality", "workstation", "viewer", "emr", "capture", "archive", "printer")
+
+
+def upsert_device(conn: sqlite3.Connection, name: str, ae_title: str, host: str, port: int, role: str) -> None:
+    """Staff add (or change) a device; a caller already seen keeps its history."""
+    now = utcnow()
+    if conn.execute("SELECT 1 FROM devices WHERE name=? AND ae_title != ?", (name, ae_title)).fetchone():
+        raise ValueError(f"a device named {name!r} already has another AE title")
+    cur = conn.execute("UPDATE devices SET name=?, host=?, port=?, role=?, added_at=COALESCE(added_at, ?)"
+                       " WHERE ae_title=?", (name, host, port, role, now, ae_title))
+    if not cur.rowcount:
+        conn.execute("INSERT INTO devices (ae_title, name, host, port, role, first_seen, last_seen, added_at,"
+                     " associations) VALUES (?,?,?,?,?,?,?,?,0)", (ae_title, name, host, port, role, now, now, now))
+
+
+def remove_device(conn: sqlite3.Connection, name_or_ae: str) -> bool:
+    cur = conn.execute("DELETE FROM devices WHERE name=? OR (ae_title=? AND name='')", (name_or_ae, name_or_ae))
+    return cur.rowcount > 0
+
+
 # --- reads ------------------------------------------------------------------------------------
 
 class Index:
@@ -339,7 +369,15 @@ class Index:
         }
 
     def devices(self) -> list[dict]:
-        return [dict(r) for r in self.conn.execute("SELECT * FROM devices ORDER BY ae_title")]
+        return [dict(r) for r in self.conn.execute(
+            "SELECT name, ae_title, host, port, role, first_seen, last_seen, associations, added_at"
+            " FROM devices ORDER BY name = '', name, ae_title")]
+
+    def device(self, ae_title: str) -> dict | None:
+        """A device staff added (a caller that was only seen is not one)."""
+        row = self.conn.execute("SELECT name, ae_title, host, port, role FROM devices"
+                                " WHERE ae_title=? AND added_at IS NOT NULL", (ae_title,)).fetchone()
+        return dict(row) if row else None
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

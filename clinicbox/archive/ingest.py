@@ -248,6 +248,12 @@ class Archive:
             raise IngestError("no-space" if is_no_space(exc) else "failure", f"cannot copy: {exc}") from None
         return self.store_incoming(tmp, source=source)
 
+    def add_device(self, name: str, ae_title: str, host: str, port: int, role: str) -> None:
+        self.writer.call(lambda conn: idx.upsert_device(conn, name, ae_title, host, port, role))
+
+    def remove_device(self, name_or_ae: str) -> bool:
+        return self.writer.call(lambda conn: idx.remove_device(conn, name_or_ae))
+
     def note_device_seen(self, ae_title: str, host: str) -> Future:
         """Record a caller (asynchronously); the future says whether it is a new device."""
         return self.writer.submit(lambda conn: idx.record_device_seen(conn, ae_title, host))

@@ -39,7 +39,7 @@ def setting(default: Any, doc: str, *, choices: tuple[str, ...] | None = None,
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII but backslash
 
 
-def _check_ae_title(key: str, value: str) -> None:
+def check_ae_title(key: str, value: str) -> None:
     if not _AE_TITLE.match(value) or not value.strip():
         raise ConfigError(key, f"{value!r} is not an AE title (1-16 printable ASCII characters, no backslash)")
 
@@ -67,11 +67,11 @@ class ServerSettings:
                                             minimum=0, maximum=600)
 
     def validate(self) -> None:
-        _check_ae_title("server.ae_title", self.ae_title)
+        check_ae_title("server.ae_title", self.ae_title)
         for i, aet in enumerate(self.allowed_calling_ae_titles):
             if not isinstance(aet, str):
                 raise ConfigError(f"server.allowed_calling_ae_titles[{i}]", "must be a string")
-            _check_ae_title(f"server.allowed_calling_ae_titles[{i}]", aet)
+            check_ae_title(f"server.allowed_calling_ae_titles[{i}]", aet)
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,8 @@ class QuerySettings:
     max_results: int = setting(1000, "Most answers one C-FIND returns; the rest are not sent (the SCU is told to narrow it).",
                                minimum=1, maximum=1000000)
     case_insensitive_names: bool = setting(True, "Match person names regardless of case (DOE* finds Doe^John); ASCII letters only.")
+    allow_from: str = setting("known", "Who may query and retrieve: known (devices added with `clinicbox devices add`) or any caller.",
+                              choices=("known", "any"))
 
 
 @dataclass(frozen=True)

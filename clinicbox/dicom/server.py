@@ -41,6 +41,7 @@ class DicomServer:
     def __init__(self, settings: ServerSettings, archive: Archive,
                  query: QuerySettings = QuerySettings()) -> None:
         self.settings = settings
+        self.query = query
         self.archive = archive
         self.ae: AE | None = None
         self._server = None
@@ -162,6 +163,13 @@ class DicomServer:
                 continue
             have = wanted.setdefault(uid, [])
             have.extend(ts for ts in syntaxes if ts not in have)
+        if self.query.allow_from == "known" and any(uid in find.MODELS for uid in wanted):
+            caller = assoc.requestor.primitive.calling_ae_title
+            if self.archive.index.device(caller) is None:
+                for uid in find.MODELS:
+                    wanted.pop(uid, None)
+                log.warning("%s may not query/retrieve: not a known device (clinicbox devices add …, "
+                            "or query.allow_from = \"any\")", caller)
         for uid in unknown:
             if not contexts.register_private_storage_class(uid):
                 wanted.pop(uid, None)
