@@ -156,3 +156,23 @@ def test_devices_cli(tmp_path):
     assert box.cli("devices", "remove", "US-ROOM-1").returncode == 0
     assert box.cli("devices", "remove", "US-ROOM-1", check=False).returncode == 1
     assert json.loads(box.cli("devices", "list", "--json").stdout) == []
+
+
+def test_orthanc_queries_clinicbox(archive):
+    """Orthanc (Debian's, a real and independent Q/R client) finds ClinicBox's studies."""
+    from tests.support.orthanc import Orthanc
+    box, uids, tmp = archive
+    box.cli("devices", "add", "ORTHANC-PEER", "--ae", "ORTHANC", "--host", "127.0.0.1", "--port", "4242")
+    with Orthanc(tmp / "orthanc", modalities={"clinicbox": ["CLINICBOX", "127.0.0.1", box.port]}) as orthanc:
+        q = orthanc.rest("POST", "/modalities/clinicbox/query",
+                         {"Level": "Study", "Query": {"PatientName": "doe*", "StudyInstanceUID": "",
+                                                      "NumberOfStudyRelatedInstances": ""}})
+        answers = orthanc.rest("GET", f"/queries/{q['ID']}/answers?expand&simplify")
+        got = {a["StudyInstanceUID"]: a for a in answers}
+        assert set(got) == {uids["FND1"]["study"], uids["FND2"]["study"]}
+        assert got[uids["FND1"]["study"]]["NumberOfStudyRelatedInstances"] == "6"
+        q = orthanc.rest("POST", "/modalities/clinicbox/query",
+                         {"Level": "Series", "Query": {"StudyInstanceUID": uids["FND1"]["study"],
+                                                       "SeriesInstanceUID": "", "Modality": ""}})
+        series = orthanc.rest("GET", f"/queries/{q['ID']}/answers?expand&simplify")
+        assert sorted(s["SeriesInstanceUID"] for s in series) == sorted(uids["FND1"]["series"])
