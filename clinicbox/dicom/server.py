@@ -135,26 +135,45 @@ class DicomServer:
         session.host, session.port = event.address[0], event.address[1]
 
     def _on_requested(self, event) -> None:
-        """Shape this association's supported contexts before negotiation.
-
-        pynetdicom picks, for each proposed context, the first transfer syntax of *our* list that
-        the sender proposed.  Ordering our list by the sender's own preference means each object
-        is taken in the syntax the sender likes best (usually how it holds it), never converted.
-        Private/unknown SOP classes are accepted as storage when the setting allows it.
-        """
+        """Before negotiation: enforce the association limit, then shape this association's contexts."""
         assoc = event.assoc
         busy = sum(1 for a in self._server.active_associations if a is not assoc and a.is_established)
         if busy >= self.settings.max_associations:
             assoc.acse.send_reject(0x02, 0x03, 0x02)  # rejected-transient, local limit exceeded
             assoc.kill()  # as pynetdicom does after its own rejections: lets the RJ go out first
             return
-        ours = self._supported
+        proposed = assoc.requestor.primitive.presentation_context_definition_list
+        wanted, unknown = self._contexts_for(proposed)
+        caller = assoc.requestor.primitive.calling_ae_title
+        if self.query.allow_from == "known" and any(uid in find.MODELS for uid in wanted) \
+                and self.archive.index.device(caller) is None:
+            for uid in find.MODELS:
+                wanted.pop(uid, None)
+            log.warning("%s may not query/retrieve: not a known device (clinicbox devices add …, "
+                        "or query.allow_from = \"any\")", caller)
+        for uid in unknown:
+            if not contexts.register_private_storage_class(uid):
+                wanted.pop(uid, None)
+                log.warning("not accepting private SOP class %s: not a UID, or too many private classes", uid)
+        assoc.acceptor.supported_contexts = [build_context(uid, ts) for uid, ts in wanted.items() if ts]
+        if unknown:
+            log.info("accepting %d private/unknown SOP class(es) as storage: %s", len(unknown), ", ".join(unknown))
+
+    def _contexts_for(self, proposed) -> tuple[dict[str, list[str]], list[str]]:
+        """Our transfer syntaxes per proposed abstract syntax, in the *sender's* order of preference.
+
+        pynetdicom picks, for each proposed context, the first syntax of our list that the sender
+        proposed; ordering our list by the sender's preference means each object is taken in the
+        syntax the sender likes best (usually how it holds it), never converted.  Private/unknown
+        SOP classes are taken as storage, with whatever syntaxes the sender proposes, when
+        ``server.accept_unknown_sop_classes`` allows it.
+        """
         wanted: dict[str, list[str]] = {}
-        unknown = []
-        for cx in assoc.requestor.primitive.presentation_context_definition_list:
+        unknown: list[str] = []
+        for cx in proposed:
             uid = str(cx.abstract_syntax)
-            if uid in ours:
-                syntaxes = [str(ts) for ts in cx.transfer_syntax if str(ts) in ours[uid]]
+            if uid in self._supported:
+                syntaxes = [str(ts) for ts in cx.transfer_syntax if str(ts) in self._supported[uid]]
             elif self.settings.accept_unknown_sop_classes and not contexts.is_known_uid(uid):
                 syntaxes = [str(ts) for ts in cx.transfer_syntax]
                 if uid not in wanted:
@@ -163,20 +182,7 @@ class DicomServer:
                 continue
             have = wanted.setdefault(uid, [])
             have.extend(ts for ts in syntaxes if ts not in have)
-        if self.query.allow_from == "known" and any(uid in find.MODELS for uid in wanted):
-            caller = assoc.requestor.primitive.calling_ae_title
-            if self.archive.index.device(caller) is None:
-                for uid in find.MODELS:
-                    wanted.pop(uid, None)
-                log.warning("%s may not query/retrieve: not a known device (clinicbox devices add …, "
-                            "or query.allow_from = \"any\")", caller)
-        for uid in unknown:
-            if not contexts.register_private_storage_class(uid):
-                wanted.pop(uid, None)
-                log.warning("not accepting private SOP class %s: not a UID, or too many private classes", uid)
-        assoc.acceptor.supported_contexts = [build_context(uid, ts) for uid, ts in wanted.items() if ts]
-        if unknown:
-            log.info("accepting %d private/unknown SOP class(es) as storage: %s", len(unknown), ", ".join(unknown))
+        return wanted, unknown
 
     def _on_accepted(self, event) -> None:
         assoc = event.assoc
