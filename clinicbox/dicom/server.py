@@ -14,7 +14,7 @@ from pynetdicom.presentation import build_context
 from clinicbox.archive.ingest import Archive
 from clinicbox.archive.query import QueryOptions
 from clinicbox.core.config import QuerySettings, ServerSettings
-from clinicbox.dicom import contexts, find, handlers, tuning
+from clinicbox.dicom import contexts, find, handlers, retrieve, tuning
 from clinicbox.dicom.session import session_of
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class DicomServer:
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_C_ECHO, handlers.handle_echo),
             (evt.EVT_C_STORE, handlers.handle_store, [archive]),
+            (evt.EVT_C_GET, retrieve.handle_get, [archive]),
             (evt.EVT_C_FIND, find.handle_find,
              [archive, QueryOptions(query.case_insensitive_names, query.max_results)]),
         ]
@@ -81,7 +82,7 @@ class DicomServer:
         syntaxes = frozenset(contexts.transfer_syntaxes())
         self._supported = {uid: syntaxes for uid in (contexts.VERIFICATION, *contexts.storage_sop_classes())}
         native = frozenset(contexts.NATIVE_SYNTAXES)
-        self._supported.update({uid: native for uid in find.MODELS})
+        self._supported.update({uid: native for uid in (*find.MODELS, *retrieve.MODELS)})
         return ae
 
     def start(self) -> None:
@@ -145,9 +146,10 @@ class DicomServer:
         proposed = assoc.requestor.primitive.presentation_context_definition_list
         wanted, unknown = self._contexts_for(proposed)
         caller = assoc.requestor.primitive.calling_ae_title
-        if self.query.allow_from == "known" and any(uid in find.MODELS for uid in wanted) \
+        query_models = (*find.MODELS, *retrieve.MODELS)
+        if self.query.allow_from == "known" and any(uid in query_models for uid in wanted) \
                 and self.archive.index.device(caller) is None:
-            for uid in find.MODELS:
+            for uid in query_models:
                 wanted.pop(uid, None)
             log.warning("%s may not query/retrieve: not a known device (clinicbox devices add …, "
                         "or query.allow_from = \"any\")", caller)
@@ -155,7 +157,13 @@ class DicomServer:
             if not contexts.register_private_storage_class(uid):
                 wanted.pop(uid, None)
                 log.warning("not accepting private SOP class %s: not a UID, or too many private classes", uid)
-        assoc.acceptor.supported_contexts = [build_context(uid, ts) for uid, ts in wanted.items() if ts]
+        shaped = []
+        for uid, ts in wanted.items():
+            if ts:
+                cx = build_context(uid, ts)
+                cx.scu_role = cx.scp_role = True  # lets a C-GET requestor be the Storage SCP for its images
+                shaped.append(cx)
+        assoc.acceptor.supported_contexts = shaped
         if unknown:
             log.info("accepting %d private/unknown SOP class(es) as storage: %s", len(unknown), ", ".join(unknown))
 

@@ -364,6 +364,7 @@ def install() -> None:
         return
     _check_internals()
     pynetdicom._config.STORE_RECV_CHUNKED_DATASET = True
+    pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True  # a file path is sent as its stored bytes
     _dimse_messages.NamedTemporaryFile = _named_temporary_file
     _dul.time = _EventTime()
     _association.time = _EventTime()
