@@ -16,9 +16,12 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
+from pynetdicom import build_context, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
 )
 
 from clinicbox.archive.ingest import Archive
@@ -32,6 +35,10 @@ log = logging.getLogger(__name__)
 MODELS = {
     str(PatientRootQueryRetrieveInformationModelGet): "PATIENT",
     str(StudyRootQueryRetrieveInformationModelGet): "STUDY",
+}
+MOVE_MODELS = {
+    str(PatientRootQueryRetrieveInformationModelMove): "PATIENT",
+    str(StudyRootQueryRetrieveInformationModelMove): "STUDY",
 }
 PENDING, CANCEL = 0xFF00, 0xFE00
 UNABLE_TO_PROCESS = 0xC000
@@ -75,34 +82,83 @@ def _wrap_send(assoc) -> None:
     assoc._clinicbox_send_wrapped = True
 
 
-def handle_get(event, archive: Archive):
-    model = MODELS.get(str(event.request.AffectedSOPClassUID))
-    session = session_of(event.assoc)
+def _rows(event, archive: Archive, models: dict, what: str):
+    """(level, rows) for a retrieve request, or (status, None) when it cannot be answered."""
+    model = models.get(str(event.request.AffectedSOPClassUID))
     identifier = event.identifier
     level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
     values = {e.keyword: _plain(e.value) for e in identifier if e.keyword and e.VR != "SQ"}
+    session = session_of(event.assoc)
     try:
-        rows = instances_to_retrieve(archive.index, model, level, values)
+        return level, instances_to_retrieve(archive.index, model, level, values)
     except QueryRefused as exc:
-        log.warning("C-GET from %s refused (0x%04X): %s", session.who, exc.status, exc.reason)
-        yield exc.status, None
-        return
+        log.warning("%s from %s refused (0x%04X): %s", what, session.who, exc.status, exc.reason)
+        return exc.status, None
     except Exception:
-        log.exception("C-GET from %s failed", session.who)
-        yield UNABLE_TO_PROCESS, None
-        return
-    _wrap_send(event.assoc)
-    yield len(rows)
-    log.info("C-GET %s level from %s: %d instance(s)", level, session.who, len(rows))
+        log.exception("%s from %s failed", what, session.who)
+        return UNABLE_TO_PROCESS, None
+
+
+def _sub_operations(event, archive: Archive, rows: list[dict], what: str):
+    session = session_of(event.assoc)
     for row in rows:
         if event.is_cancelled:
-            log.info("C-GET from %s cancelled", session.who)
+            log.info("%s from %s cancelled", what, session.who)
             yield CANCEL, None
             return
         path = archive.store.abspath(row["path"])
         if row["state"] != "ok" or not path.exists():
-            log.error("C-GET: instance %s has no readable file", row["sop_instance_uid"])
+            log.error("%s: instance %s has no readable file", what, row["sop_instance_uid"])
             yield PENDING, Dataset()  # counted by pynetdicom as a failed sub-operation
             continue
         yield PENDING, StoredObject(path, row["sop_class_uid"], row["sop_instance_uid"],
                                     row["transfer_syntax_uid"])
+
+
+def handle_get(event, archive: Archive):
+    level, rows = _rows(event, archive, MODELS, "C-GET")
+    if rows is None:
+        yield level, None
+        return
+    _wrap_send(event.assoc)
+    yield len(rows)
+    log.info("C-GET %s level from %s: %d instance(s)", level, session_of(event.assoc).who, len(rows))
+    yield from _sub_operations(event, archive, rows, "C-GET")
+
+
+def _store_contexts(rows: list[dict]) -> list:
+    """Contexts for the move destination: each class in its stored syntax, and uncompressed to fall back."""
+    wanted: dict[str, list[str]] = {}
+    for row in rows:
+        syntaxes = wanted.setdefault(row["sop_class_uid"], [])
+        if row["transfer_syntax_uid"] not in syntaxes:
+            syntaxes.append(row["transfer_syntax_uid"])
+    contexts = []
+    for sop_class, syntaxes in wanted.items():
+        for ts in syntaxes:
+            if ts not in UNCOMPRESSED:
+                contexts.append(build_context(sop_class, ts))
+        contexts.append(build_context(sop_class, list(UNCOMPRESSED)))
+    return contexts[:128]
+
+
+def handle_move(event, archive: Archive):
+    session = session_of(event.assoc)
+    destination = str(event.move_destination or "").strip()
+    device = archive.index.device(destination)
+    if device is None or not device.get("port"):
+        log.warning("C-MOVE from %s to unknown destination %r (0xA801)", session.who, destination)
+        yield None, None  # pynetdicom answers 0xA801: Move Destination unknown
+        return
+    level, rows = _rows(event, archive, MOVE_MODELS, "C-MOVE")
+    if rows is None:  # pynetdicom wants a destination and a count before any status
+        yield device["host"], device["port"]
+        yield 1
+        yield level, None
+        return
+    handlers = [(evt.EVT_ESTABLISHED, lambda e: _wrap_send(e.assoc))]
+    yield device["host"], device["port"], {"contexts": _store_contexts(rows) or None,
+                                           "evt_handlers": handlers}
+    yield len(rows)
+    log.info("C-MOVE %s level from %s to %s: %d instance(s)", level, session.who, destination, len(rows))
+    yield from _sub_operations(event, archive, rows, "C-MOVE")

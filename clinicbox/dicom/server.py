@@ -57,6 +57,7 @@ class DicomServer:
             (evt.EVT_C_ECHO, handlers.handle_echo),
             (evt.EVT_C_STORE, handlers.handle_store, [archive]),
             (evt.EVT_C_GET, retrieve.handle_get, [archive]),
+            (evt.EVT_C_MOVE, retrieve.handle_move, [archive]),
             (evt.EVT_C_FIND, find.handle_find,
              [archive, QueryOptions(query.case_insensitive_names, query.max_results)]),
         ]
@@ -82,7 +83,7 @@ class DicomServer:
         syntaxes = frozenset(contexts.transfer_syntaxes())
         self._supported = {uid: syntaxes for uid in (contexts.VERIFICATION, *contexts.storage_sop_classes())}
         native = frozenset(contexts.NATIVE_SYNTAXES)
-        self._supported.update({uid: native for uid in (*find.MODELS, *retrieve.MODELS)})
+        self._supported.update({uid: native for uid in (*find.MODELS, *retrieve.MODELS, *retrieve.MOVE_MODELS)})
         return ae
 
     def start(self) -> None:
@@ -146,7 +147,7 @@ class DicomServer:
         proposed = assoc.requestor.primitive.presentation_context_definition_list
         wanted, unknown = self._contexts_for(proposed)
         caller = assoc.requestor.primitive.calling_ae_title
-        query_models = (*find.MODELS, *retrieve.MODELS)
+        query_models = (*find.MODELS, *retrieve.MODELS, *retrieve.MOVE_MODELS)
         if self.query.allow_from == "known" and any(uid in query_models for uid in wanted) \
                 and self.archive.index.device(caller) is None:
             for uid in query_models:

@@ -1,0 +1,59 @@
+"""C-MOVE SCP with DCMTK movescu, into a DCMTK storescp destination known to the device table."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.support.peers import ClinicBox, dcmtk, free_port, wait_for_port
+from tests.support.synth import dataset_bytes, write_ct_series
+
+
+@pytest.fixture
+def destination(tmp_path):
+    out = tmp_path / "dest"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen([dcmtk("storescp"), "-aet", "VIEWER", "+xa", "-od", str(out), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc=proc)
+        yield port, out
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def movescu(box, dest_aet, *keys):
+    return subprocess.run([dcmtk("movescu"), "-S", "-v", "-aec", "CLINICBOX", "-aem", dest_aet, "127.0.0.1",
+                           str(box.port), *[a for k in keys for a in ("-k", k)]], capture_output=True, text=True)
+
+
+def test_move_study_to_known_destination(tmp_path, destination):
+    port, out = destination
+    with ClinicBox(tmp_path / "data") as box:
+        box.cli("devices", "add", "MOVER", "--ae", "MOVESCU", "--host", "127.0.0.1", "--port", "11113")
+        box.cli("devices", "add", "VIEWER-1", "--ae", "VIEWER", "--host", "127.0.0.1", "--port", str(port))
+        files = write_ct_series(tmp_path / "ct", 6, rows=16, cols=16, patient_id="MOV1")
+        assert "rejected 0" in box.cli("import", str(tmp_path / "ct")).stdout
+        study = pydicom.dcmread(files[0]).StudyInstanceUID
+        r = movescu(box, "VIEWER", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}")
+        assert r.returncode == 0, r.stderr
+        received = sorted(out.iterdir())
+        assert len(received) == 6, r.stderr
+        sent = {pydicom.dcmread(p).SOPInstanceUID: dataset_bytes(p) for p in files}
+        for f in received:
+            assert dataset_bytes(f) == sent[pydicom.dcmread(f).SOPInstanceUID]
+        assert "Received Final Move Response (Success)" in r.stderr, r.stderr
+        assert "to VIEWER: 6 instance(s)" in box.log()
+
+
+def test_move_to_unknown_destination_is_a801(tmp_path):
+    with ClinicBox(tmp_path / "data") as box:
+        box.cli("devices", "add", "MOVER", "--ae", "MOVESCU", "--host", "127.0.0.1", "--port", "11113")
+        r = movescu(box, "NOWHERE", "QueryRetrieveLevel=STUDY", "StudyInstanceUID=1.2.3")
+        assert "MoveDestinationUnknown" in r.stderr or "A801" in r.stderr, r.stderr
+        assert "unknown destination 'NOWHERE'" in box.log()
