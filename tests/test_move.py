@@ -57,3 +57,32 @@ def test_move_to_unknown_destination_is_a801(tmp_path):
         r = movescu(box, "NOWHERE", "QueryRetrieveLevel=STUDY", "StudyInstanceUID=1.2.3")
         assert "MoveDestinationUnknown" in r.stderr or "A801" in r.stderr, r.stderr
         assert "unknown destination 'NOWHERE'" in box.log()
+
+
+def test_orthanc_retrieves_from_clinicbox_and_clinicbox_moves_into_orthanc(tmp_path):
+    """Orthanc from Debian as the real peer archive, both directions."""
+    from tests.support.orthanc import Orthanc, wait_until
+    with ClinicBox(tmp_path / "data") as box:
+        with Orthanc(tmp_path / "orthanc", modalities={"clinicbox": ["CLINICBOX", "127.0.0.1", box.port]}) as orthanc:
+            box.cli("devices", "add", "ORTHANC-PEER", "--ae", "ORTHANC", "--host", "127.0.0.1",
+                    "--port", str(orthanc.dicom_port), "--role", "archive")
+            box.cli("devices", "add", "MOVER", "--ae", "MOVESCU", "--host", "127.0.0.1", "--port", "11113")
+            first = write_ct_series(tmp_path / "a", 4, rows=16, cols=16, patient_id="ORT1")
+            second = write_ct_series(tmp_path / "b", 3, rows=16, cols=16, patient_id="ORT2")
+            assert "rejected 0" in box.cli("import", str(tmp_path / "a"), str(tmp_path / "b")).stdout
+
+            # Orthanc queries ClinicBox and retrieves the first study into itself (C-FIND + C-MOVE)
+            study1 = pydicom.dcmread(first[0]).StudyInstanceUID
+            q = orthanc.rest("POST", "/modalities/clinicbox/query",
+                             {"Level": "Study", "Query": {"StudyInstanceUID": study1}})
+            orthanc.rest("POST", f"/queries/{q['ID']}/retrieve", {"TargetAet": "ORTHANC", "Synchronous": True})
+            assert wait_until(lambda: orthanc.rest("GET", "/statistics")["CountInstances"] == 4)
+
+            # ClinicBox moves the second study into Orthanc on a third party's request (movescu)
+            study2 = pydicom.dcmread(second[0]).StudyInstanceUID
+            r = movescu(box, "ORTHANC", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study2}")
+            assert r.returncode == 0 and "Received Final Move Response (Success)" in r.stderr, r.stderr
+            assert wait_until(lambda: orthanc.rest("GET", "/statistics")["CountInstances"] == 7)
+            ids = orthanc.rest("POST", "/tools/find", {"Level": "Instance", "Query": {"PatientID": "ORT2"}})
+            got = {orthanc.rest("GET", f"/instances/{i}/simplified-tags")["SOPInstanceUID"] for i in ids}
+            assert got == {pydicom.dcmread(p).SOPInstanceUID for p in second}
