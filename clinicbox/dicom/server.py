@@ -14,7 +14,7 @@ from pynetdicom.presentation import build_context
 from clinicbox.archive.ingest import Archive
 from clinicbox.archive.query import QueryOptions
 from clinicbox.core.config import QuerySettings, ServerSettings
-from clinicbox.dicom import contexts, find, handlers, retrieve, tuning
+from clinicbox.dicom import commitment, contexts, find, handlers, retrieve, tuning
 from clinicbox.dicom.session import session_of
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class DicomServer:
             (evt.EVT_C_STORE, handlers.handle_store, [archive]),
             (evt.EVT_C_GET, retrieve.handle_get, [archive]),
             (evt.EVT_C_MOVE, retrieve.handle_move, [archive]),
+            (evt.EVT_N_ACTION, commitment.handle_n_action, [archive, settings.ae_title]),
             (evt.EVT_C_FIND, find.handle_find,
              [archive, QueryOptions(query.case_insensitive_names, query.max_results)]),
         ]
@@ -83,7 +84,8 @@ class DicomServer:
         syntaxes = frozenset(contexts.transfer_syntaxes())
         self._supported = {uid: syntaxes for uid in (contexts.VERIFICATION, *contexts.storage_sop_classes())}
         native = frozenset(contexts.NATIVE_SYNTAXES)
-        self._supported.update({uid: native for uid in (*find.MODELS, *retrieve.MODELS, *retrieve.MOVE_MODELS)})
+        self._supported.update({uid: native for uid in (*find.MODELS, *retrieve.MODELS, *retrieve.MOVE_MODELS,
+                                                        commitment.SOP_CLASS)})
         return ae
 
     def start(self) -> None:
