@@ -176,3 +176,41 @@ def test_orthanc_queries_clinicbox(archive):
                                                        "SeriesInstanceUID": "", "Modality": ""}})
         series = orthanc.rest("GET", f"/queries/{q['ID']}/answers?expand&simplify")
         assert sorted(s["SeriesInstanceUID"] for s in series) == sorted(uids["FND1"]["series"])
+
+
+def test_c_cancel_stops_a_long_answer(tmp_path):
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+    from tests.support.synth import ct_dataset
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for n in range(1200):
+        ds = ct_dataset(pydicom.uid.generate_uid(prefix=ORG_ROOT), pydicom.uid.generate_uid(prefix=ORG_ROOT), 1,
+                        rows=2, cols=2, patient_id=f"C{n:04d}")
+        ds.save_as(folder / f"{n}.dcm", enforce_file_format=True)
+    config = tmp_path / "c.toml"
+    config.write_text('[query]\nallow_from = "any"\nmax_results = 5000\n')
+    with ClinicBox(tmp_path / "data", config=config) as box:
+        assert "imported 1200" in box.cli("import", str(folder)).stdout
+        ae = AE(ae_title="CANCELLER")
+        ae.add_requested_context(FIND)
+        assoc = ae.associate("127.0.0.1", box.port, ae_title="CLINICBOX")
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = ""
+        query.PatientID = ""
+        pending, final = 0, None
+        cx_id = assoc.accepted_contexts[0].context_id
+        for status, _identifier in assoc.send_c_find(query, FIND, msg_id=7):
+            if status.Status in (0xFF00, 0xFF01):
+                pending += 1
+                if pending == 1:
+                    assoc.send_c_cancel(7, cx_id)
+            else:
+                final = status.Status
+        assoc.release()
+        assert final == 0xFE00, hex(final or 0)
+        assert pending < 1200
+        assert "cancelled after" in box.log()

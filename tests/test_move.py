@@ -86,3 +86,22 @@ def test_orthanc_retrieves_from_clinicbox_and_clinicbox_moves_into_orthanc(tmp_p
             ids = orthanc.rest("POST", "/tools/find", {"Level": "Instance", "Query": {"PatientID": "ORT2"}})
             got = {orthanc.rest("GET", f"/instances/{i}/simplified-tags")["SOPInstanceUID"] for i in ids}
             assert got == {pydicom.dcmread(p).SOPInstanceUID for p in second}
+
+
+def test_move_series_level_counts_and_failed_instance(tmp_path, destination):
+    """Series level; an indexed instance whose file is gone is a failed sub-operation, the rest arrive."""
+    port, out = destination
+    with ClinicBox(tmp_path / "data") as box:
+        box.cli("devices", "add", "MOVER", "--ae", "MOVESCU", "--host", "127.0.0.1", "--port", "11113")
+        box.cli("devices", "add", "VIEWER-1", "--ae", "VIEWER", "--host", "127.0.0.1", "--port", str(port))
+        files = write_ct_series(tmp_path / "ct", 4, rows=16, cols=16, patient_id="MOV2")
+        assert "rejected 0" in box.cli("import", str(tmp_path / "ct")).stdout
+        first = pydicom.dcmread(files[0])
+        for stored in (box.data_dir / "objects").rglob("*.dcm"):
+            if pydicom.dcmread(stored, stop_before_pixels=True).SOPInstanceUID == first.SOPInstanceUID:
+                stored.unlink()  # lost behind the archive's back
+        r = movescu(box, "VIEWER", "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={first.StudyInstanceUID}",
+                    f"SeriesInstanceUID={first.SeriesInstanceUID}")
+        assert len(list(out.iterdir())) == 3, r.stderr
+        assert "Received Final Move Response (Warning: SubOperationsCompleteOneOrMoreFailures)" in r.stderr, r.stderr
+        assert "has no readable file" in box.log()

@@ -71,6 +71,8 @@ def _wrap_send(assoc) -> None:
         if not isinstance(dataset, StoredObject):
             return original(dataset, *args, **kwargs)
         path, syntax = dataset._clinicbox_path, dataset._clinicbox_syntax
+        if not path.exists():
+            raise FileNotFoundError(f"stored file of {dataset.SOPInstanceUID} is missing")
         if _accepts(assoc, str(dataset.SOPClassUID), syntax):
             return original(path, *args, **kwargs)  # the stored bytes, streamed
         ds = pydicom.dcmread(path)
@@ -108,9 +110,8 @@ def _sub_operations(event, archive: Archive, rows: list[dict], what: str):
             return
         path = archive.store.abspath(row["path"])
         if row["state"] != "ok" or not path.exists():
+            # still yielded: sending it fails, so pynetdicom counts a failed sub-operation and lists the UID
             log.error("%s: instance %s has no readable file", what, row["sop_instance_uid"])
-            yield PENDING, Dataset()  # counted by pynetdicom as a failed sub-operation
-            continue
         yield PENDING, StoredObject(path, row["sop_class_uid"], row["sop_instance_uid"],
                                     row["transfer_syntax_uid"])
 
