@@ -214,3 +214,36 @@ def test_c_cancel_stops_a_long_answer(tmp_path):
         assert final == 0xFE00, hex(final or 0)
         assert pending < 1200
         assert "cancelled after" in box.log()
+
+
+def test_each_matching_rule_through_findscu(archive):
+    box, uids, tmp = archive
+
+    def patients(*keys, model="-S"):
+        answers, _ = findscu(box, tmp, "QueryRetrieveLevel=STUDY", "PatientID=", *keys, model=model)
+        return sorted(str(a.PatientID) for a in answers)
+
+    assert patients("PatientName=Doe^J?hn") == ["FND1"]                       # ? wildcard
+    assert patients("StudyDate=-20240131") == ["FND1"]                        # open start
+    assert patients("StudyDate=20240101-20240630") == ["FND1", "FND2"]        # A-B
+    assert patients(f"StudyInstanceUID={uids['FND1']['study']}\\{uids['FND3']['study']}") == ["FND1", "FND3"]
+    assert patients("PatientID=FND2") == ["FND2"]                             # single value
+    assert patients("ModalitiesInStudy=US") == ["FND3"]
+
+
+def test_patient_root_study_series_image_levels(archive):
+    box, uids, tmp = archive
+    answers, _ = findscu(box, tmp, "QueryRetrieveLevel=STUDY", "PatientID=FND1", "StudyInstanceUID=",
+                         "NumberOfStudyRelatedInstances=", model="-P")
+    (a,) = answers
+    assert a.StudyInstanceUID == uids["FND1"]["study"] and a.NumberOfStudyRelatedInstances == 6
+    answers, _ = findscu(box, tmp, "QueryRetrieveLevel=SERIES", "PatientID=FND1",
+                         f"StudyInstanceUID={uids['FND1']['study']}", "SeriesInstanceUID=", model="-P")
+    assert sorted(a.SeriesInstanceUID for a in answers) == sorted(uids["FND1"]["series"])
+    answers, _ = findscu(box, tmp, "QueryRetrieveLevel=IMAGE", "PatientID=FND1",
+                         f"StudyInstanceUID={uids['FND1']['study']}",
+                         f"SeriesInstanceUID={uids['FND1']['series'][1]}", "SOPInstanceUID=", model="-P")
+    assert len(answers) == 3
+    # patient root without the patient's ID at study level: refused as the hierarchy demands
+    answers, r = findscu(box, tmp, "QueryRetrieveLevel=STUDY", "StudyInstanceUID=", model="-P", verbose=True)
+    assert answers == [] and "DataSetDoesNotMatchSOPClass" in r.stderr
