@@ -111,14 +111,17 @@ def find(index: Index, model: str, level: str, identifier: dict, requested: list
     except UnsupportedMatch as exc:
         raise QueryRefused(0xA900, str(exc)) from None
 
-    columns = {kw: f.column for kw, f in FIELDS.items() if _level_index(f.level) <= _level_index(level)}
-    columns.update({kw: expr for kw, (lvl, expr) in COMPUTED.items() if lvl in levels or lvl == level})
-    select = [f"{expr} AS \"{kw}\"" for kw, expr in columns.items()]
-    select.append(f"{_REPRESENTATIVE[level]} AS _rep")
-    sql = (f"SELECT {', '.join(select)} FROM {_FROM[level]} WHERE {where}"
-           f" ORDER BY {_ORDER[level]} LIMIT ?")
     wanted = list(dict.fromkeys([*requested, *(UNIQUE_KEYS[lv] for lv in levels)]))
     wanted = [kw for kw in wanted if kw not in ("QueryRetrieveLevel", "SpecificCharacterSet")]
+    columns = {kw: f.column for kw, f in FIELDS.items() if _level_index(f.level) <= _level_index(level)}
+    # computed keys cost a subquery per answer: only those asked for
+    columns.update({kw: expr for kw, (lvl, expr) in COMPUTED.items()
+                    if kw in wanted and _level_index(lvl) <= _level_index(level)})
+    select = [f"{expr} AS \"{kw}\"" for kw, expr in columns.items()]
+    needs_header = any(kw not in columns for kw in wanted)
+    select.append(f"{_REPRESENTATIVE[level]} AS _rep" if needs_header else "NULL AS _rep")
+    sql = (f"SELECT {', '.join(select)} FROM {_FROM[level]} WHERE {where}"
+           f" ORDER BY {_ORDER[level]} LIMIT ?")
     for row in index.conn.execute(sql, [*params, options.max_results]):
         yield _answer(index, level, row, wanted)
 
