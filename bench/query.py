@@ -284,75 +284,107 @@ class OrthancServer:
 # ---------------------------------------------------------------------------------------------
 # build (cached)
 
-def build(cache: Path, plan: dict, key: dict) -> dict:
-    """Generate the files and load both servers, unless the cache already holds this archive."""
-    marker = cache / "built.json"
-    if marker.exists():
-        try:
-            info = json.loads(marker.read_text())
-            if info.get("key") == key:
-                print(f"reusing the archive built in {cache} ({info['built']})")
-                return info
-        except (OSError, ValueError, KeyError):
-            pass
-        print(f"cache {cache} holds another archive: rebuilding")
-    for name in ("files", "clinicbox", "orthanc", "built.json"):
+def _stage_done(cache: Path, stage: str, key: dict) -> dict | None:
+    try:
+        info = json.loads((cache / f"{stage}.done.json").read_text())
+        return info if info.get("key") == key else None
+    except (OSError, ValueError):
+        return None
+
+
+def _stage_mark(cache: Path, stage: str, key: dict, info: dict) -> None:
+    (cache / f"{stage}.done.json").write_text(json.dumps({"key": key, **info}, indent=2))
+
+
+def _reset(cache: Path, *names: str) -> None:
+    for name in names:
         p = cache / name
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-    cache.mkdir(parents=True, exist_ok=True)
-    info: dict = {"key": key}
 
-    t0 = time.perf_counter()
-    n = write_files(plan, cache / "files")
-    info["generate_s"] = time.perf_counter() - t0
-    print(f"generated {n} instances in {info['generate_s']:.0f} s", flush=True)
+
+def build(cache: Path, plan: dict, key: dict) -> dict:
+    """Generate the files and load both servers; each stage is skipped when the cache holds it."""
+    cache.mkdir(parents=True, exist_ok=True)
+    info: dict = {}
+    n = plan["total"]
     parts = [cache / "files" / "part0", cache / "files" / "part1"]
+
+    done = _stage_done(cache, "files", key)
+    if done:
+        print(f"reusing the generated files in {cache / 'files'}")
+    else:
+        _reset(cache, "files", "files.done.json", "clinicbox", "clinicbox.done.json", "orthanc", "orthanc.done.json")
+        t0 = time.perf_counter()
+        written = write_files(plan, cache / "files")
+        done = {"generate_s": time.perf_counter() - t0, "instances": written}
+        print(f"generated {written} instances in {done['generate_s']:.0f} s", flush=True)
+        _stage_mark(cache, "files", key, done)
+    info["generate_s"] = done["generate_s"]
 
     # ClinicBox: its own import path, two `clinicbox import` processes (one per half) at once
     cb_dir = cache / "clinicbox"
-    cb_dir.mkdir()
-    config = clinicbox_config(cb_dir)
-    t0 = time.perf_counter()
-    env = {k: v for k, v in os.environ.items() if k != "CLINICBOX_CONFIG"}
-    procs = [spawn([sys.executable, "-m", "clinicbox", "import", str(p), "--quiet", "--data-dir",
-                    str(cb_dir / "data"), "--config", str(config)], cb_dir / f"import-{p.name}.log", env=env, cwd=REPO)
-             for p in parts]
-    rcs = [p.wait() for p in procs]
-    info["clinicbox_import_s"] = time.perf_counter() - t0
-    if any(rcs):
-        raise RuntimeError(f"clinicbox import exited {rcs}:\n{tail(cb_dir / 'import-part0.log')}")
-    studies = json.loads(clinicbox_cli("studies", "--json", data_dir=cb_dir / "data", config=config).stdout)
-    cb_count = sum(int(s["num_instances"]) for s in studies)
-    print(f"ClinicBox: `clinicbox import` (2 processes) of {n} files in {info['clinicbox_import_s']:.0f} s "
-          f"({n / info['clinicbox_import_s']:.0f}/s): {len(studies)} studies, {cb_count} instances", flush=True)
-    if cb_count != n or len(studies) != len(plan["studies"]):
-        raise RuntimeError(f"ClinicBox holds {len(studies)} studies / {cb_count} instances, expected "
-                           f"{len(plan['studies'])} / {n}")
+    done = _stage_done(cache, "clinicbox", key)
+    if done:
+        print(f"reusing ClinicBox's data dir {cb_dir / 'data'} (imported {done['built']})")
+    else:
+        _reset(cache, "clinicbox", "clinicbox.done.json")
+        cb_dir.mkdir()
+        config = clinicbox_config(cb_dir)
+        t0 = time.perf_counter()
+        # Create the index first: two imports starting together on a new data dir race in the
+        # schema migration ("table patients already exists"; reported, see bench/README.md).
+        r = clinicbox_cli("studies", "--json", data_dir=cb_dir / "data", config=config)
+        if r.returncode:
+            raise RuntimeError(f"clinicbox studies (index creation) failed: {r.stderr}")
+        env = {k: v for k, v in os.environ.items() if k != "CLINICBOX_CONFIG"}
+        procs = [spawn([sys.executable, "-m", "clinicbox", "import", str(p), "--quiet", "--data-dir",
+                        str(cb_dir / "data"), "--config", str(config)], cb_dir / f"import-{p.name}.log",
+                       env=env, cwd=REPO) for p in parts]
+        rcs = [p.wait() for p in procs]
+        secs = time.perf_counter() - t0
+        if any(rcs):
+            raise RuntimeError(f"clinicbox import exited {rcs}:\n{tail(cb_dir / 'import-part0.log')}\n"
+                               f"{tail(cb_dir / 'import-part1.log')}")
+        studies = json.loads(clinicbox_cli("studies", "--json", data_dir=cb_dir / "data", config=config).stdout)
+        cb_count = sum(int(s["num_instances"]) for s in studies)
+        print(f"ClinicBox: `clinicbox import` (2 processes) of {n} files in {secs:.0f} s "
+              f"({n / secs:.0f}/s): {len(studies)} studies, {cb_count} instances", flush=True)
+        if cb_count != n or len(studies) != len(plan["studies"]):
+            raise RuntimeError(f"ClinicBox holds {len(studies)} studies / {cb_count} instances, expected "
+                               f"{len(plan['studies'])} / {n}")
+        done = {"import_s": secs, "built": datetime.now().isoformat(timespec="seconds")}
+        _stage_mark(cache, "clinicbox", key, done)
+    info["clinicbox_import_s"] = done["import_s"]
 
     # Orthanc: C-STORE with DCMTK storescu, two associations at once, no fdatasync while loading
-    orthanc = OrthancServer(cache / "orthanc", {}, build=True)
-    try:
-        orthanc.start()
-        t0 = time.perf_counter()
-        senv = {**os.environ, "TCP_NODELAY": "1"}
-        procs = [spawn([STORESCU, "+sd", "+r", "-aec", "ORTHANC", "127.0.0.1", str(orthanc.port), str(p)],
-                       cache / "orthanc" / f"storescu-{p.name}.log", env=senv) for p in parts]
-        rcs = [p.wait() for p in procs]
-        info["orthanc_store_s"] = time.perf_counter() - t0
-        stats = orthanc.rest("/statistics")
-    finally:
-        orthanc.stop()
-    print(f"Orthanc: storescu (2 associations) of {n} files in {info['orthanc_store_s']:.0f} s "
-          f"({n / info['orthanc_store_s']:.0f}/s): {stats['CountStudies']} studies, {stats['CountInstances']} instances",
-          flush=True)
-    if any(rcs) or int(stats["CountInstances"]) != n:
-        raise RuntimeError(f"storescu exited {rcs}; Orthanc holds {stats['CountInstances']} instances, expected {n}")
+    done = _stage_done(cache, "orthanc", key)
+    if done:
+        print(f"reusing Orthanc's storage in {cache / 'orthanc'} (loaded {done['built']})")
+    else:
+        _reset(cache, "orthanc", "orthanc.done.json")
+        orthanc = OrthancServer(cache / "orthanc", {}, build=True)
+        try:
+            orthanc.start()
+            t0 = time.perf_counter()
+            senv = {**os.environ, "TCP_NODELAY": "1"}
+            procs = [spawn([STORESCU, "+sd", "+r", "-aec", "ORTHANC", "127.0.0.1", str(orthanc.port), str(p)],
+                           cache / "orthanc" / f"storescu-{p.name}.log", env=senv) for p in parts]
+            rcs = [p.wait() for p in procs]
+            secs = time.perf_counter() - t0
+            stats = orthanc.rest("/statistics")
+        finally:
+            orthanc.stop()
+        print(f"Orthanc: storescu (2 associations) of {n} files in {secs:.0f} s "
+              f"({n / secs:.0f}/s): {stats['CountStudies']} studies, {stats['CountInstances']} instances", flush=True)
+        if any(rcs) or int(stats["CountInstances"]) != n:
+            raise RuntimeError(f"storescu exited {rcs}; Orthanc holds {stats['CountInstances']} instances, expected {n}")
+        done = {"store_s": secs, "built": datetime.now().isoformat(timespec="seconds")}
+        _stage_mark(cache, "orthanc", key, done)
+    info["orthanc_store_s"] = done["store_s"]
     info["instances"] = n
-    info["built"] = datetime.now().isoformat(timespec="seconds")
-    marker.write_text(json.dumps(info, indent=2))
     return info
 
 
@@ -624,6 +656,9 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the run folder (logs, storescp output)")
     ap.add_argument("--profile", action="store_true",
                     help="afterwards run the query loop again under py-spy (ClinicBox) and print SQL plans")
+    ap.add_argument("--client-tuning", action="store_true",
+                    help="apply clinicbox.dicom.tuning.install() to this process's pynetdicom client too "
+                         "(event waits instead of 1 ms polling: lowers the client floor for both servers)")
     ap.add_argument("--strict", action="store_true", help="exit 3 if a target is missed")
     args = ap.parse_args()
     cache = (args.data or args.cache).resolve()
@@ -632,10 +667,16 @@ def main() -> int:
     print(f"ClinicBox query/retrieve benchmark ({env['clinicbox_git']}; pynetdicom {env['pynetdicom']} client, "
           f"{env['orthanc']}; {env['cpus']} CPUs)")
 
+    client = "stock pynetdicom"
+    if args.client_tuning:
+        from clinicbox.dicom import tuning
+        tuning.install()
+        client = "pynetdicom with clinicbox.dicom.tuning installed"
+    print(f"query client: {client}, one association per server")
     plan = plan_archive(args.studies, args.per_study, args.move_count)
     key = {"gen": GEN_VERSION, "studies": args.studies, "per_study": args.per_study, "move_count": args.move_count}
-    if args.rebuild and (cache / "built.json").exists():
-        (cache / "built.json").unlink()
+    if args.rebuild:
+        _reset(cache, "files.done.json", "clinicbox.done.json", "orthanc.done.json")
     n_patients = len({s["patient"]["id"] for s in plan["studies"]})
     print(f"archive: {plan['total']} instances in {len(plan['studies'])} studies, {n_patients} patients, "
           f"{sum(len(s['series']) for s in plan['studies'])} series; move study: {args.move_count} instances")
@@ -816,7 +857,7 @@ def main() -> int:
         "started": started.isoformat(timespec="seconds"), "args": {k: str(v) for k, v in vars(args).items()},
         "environment": env, "build": info, "build_or_reuse_s": build_s,
         "archive": {"instances": plan["total"], "studies": len(plan["studies"]), "patients": n_patients},
-        "client": "pynetdicom SCU in this process, one association per server, TCP_NODELAY set, study root",
+        "client": f"{client} SCU in this process, one association per server, TCP_NODELAY set, study root",
         "queries": queries, "latency": results, "summary": summ, "moves": moves, "move_summary": move_summary,
         "ratios": ratios, "verdicts": [{"target": t, "met": ok} for t, ok in verdicts],
         "warnings": warnings, "profile": profile, "plans": plans, "all_targets_met": all_met,

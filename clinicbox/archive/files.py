@@ -66,7 +66,7 @@ class ObjectStore:
         for i in range(256):
             fan = self.objects / f"{i:02x}"
             if not fan.is_dir():
-                fan.mkdir()
+                fan.mkdir(exist_ok=True)  # another process may be making it at the same moment
                 made = True
         if made:
             fsync_dir(self.objects)

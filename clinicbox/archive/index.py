@@ -8,6 +8,7 @@ file read.  Counts per patient/study/series are kept current by the write statem
 
 from __future__ import annotations
 
+import fcntl
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -139,8 +140,17 @@ def connect(path: Path, *, synchronous: str = "normal") -> sqlite3.Connection:
 
 
 def migrate(path: Path) -> list[str]:
-    """Create or upgrade the index at ``path``; return the names of the migrations applied."""
-    conn = sqlite3.connect(path)
+    """Create or upgrade the index at ``path``; return the names of the migrations applied.
+
+    Serialised between processes (two `clinicbox import` started together on a new data dir).
+    """
+    with open(Path(path).with_name("migrate.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _migrate(path)
+
+
+def _migrate(path: Path) -> list[str]:
+    conn = sqlite3.connect(path, timeout=30)
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         db = Database(conn)

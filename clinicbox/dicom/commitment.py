@@ -12,11 +12,12 @@ import logging
 import threading
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role
+from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from clinicbox.archive.ingest import Archive
 from clinicbox.archive.verify import verify_instance
+from clinicbox.dicom import tuning
 from clinicbox.dicom.session import session_of
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ def _report_on_new_association(archive: Archive, our_ae_title: str, caller: str,
     ae.add_requested_context(StorageCommitmentPushModel)
     role = build_role(StorageCommitmentPushModel, scp_role=True)
     for attempt in range(3):
-        assoc = ae.associate(device["host"], device["port"], ae_title=caller, ext_neg=[role])
+        assoc = ae.associate(device["host"], device["port"], ae_title=caller, ext_neg=[role],
+                             evt_handlers=[(evt.EVT_ESTABLISHED, lambda e: tuning.set_nodelay(e.assoc))])
         if assoc.is_established:
             try:
                 status, _ = assoc.send_n_event_report(ds, event_type, SOP_CLASS, WELL_KNOWN_INSTANCE)

@@ -27,6 +27,7 @@ from pynetdicom.sop_class import (
 from clinicbox.archive.ingest import Archive
 from clinicbox.archive.query import QueryRefused
 from clinicbox.archive.retrieve import instances_to_retrieve
+from clinicbox.dicom import tuning
 from clinicbox.dicom.find import _plain
 from clinicbox.dicom.session import session_of
 
@@ -157,7 +158,8 @@ def handle_move(event, archive: Archive):
         yield 1
         yield level, None
         return
-    handlers = [(evt.EVT_ESTABLISHED, lambda e: _wrap_send(e.assoc))]
+    handlers = [(evt.EVT_CONN_OPEN, lambda e: tuning.set_nodelay(e.assoc)),
+                (evt.EVT_ESTABLISHED, lambda e: (tuning.set_nodelay(e.assoc), _wrap_send(e.assoc)))]
     yield device["host"], device["port"], {"contexts": _store_contexts(rows) or None,
                                            "evt_handlers": handlers}
     yield len(rows)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from functools import partial
@@ -130,11 +129,7 @@ class DicomServer:
 
     def _on_conn_open(self, event) -> None:
         tuning.prepare_association(event.assoc)
-        sock = event.assoc.dul.socket.socket
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:  # pragma: no cover - e.g. not a TCP socket
-            pass
+        tuning.set_nodelay(event.assoc)
         session = session_of(event.assoc)
         session.host, session.port = event.address[0], event.address[1]
 

@@ -241,6 +241,16 @@ class _WakingQueue(queue.Queue):
             pass
 
 
+def set_nodelay(assoc) -> None:
+    """TCP_NODELAY on an association's socket (both our accepted and our requested connections)."""
+    raw = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if raw is not None:
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
 def prepare_association(assoc) -> None:
     """Give a new association (before its threads start) its wake-up channel."""
     dul = assoc.dul
