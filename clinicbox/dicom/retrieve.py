@@ -62,13 +62,42 @@ def _accepts(assoc, sop_class: str, syntax: str) -> bool:
                for cx in assoc.accepted_contexts)
 
 
+def _guard_responses(assoc) -> None:
+    """Keep the association's own reactor from taking the C-STORE responses meant for send_c_store.
+
+    pynetdicom's send_*() pause the reactor with a flag that can be stale (check-then-act), so under
+    load the reactor sometimes takes a response itself, drops it as unexpected, and the sender waits
+    out the DIMSE timeout: a C-MOVE of 500 images stalled at image 295 this way.  While one of our
+    sends is in flight the reactor's non-blocking polls see an empty queue; the sender's own blocking
+    read is untouched.
+    """
+    dimse = assoc.dimse
+    original_get = dimse.get_msg
+    assoc._clinicbox_sending = False
+
+    def get_msg(block: bool = False):
+        if not block and assoc._clinicbox_sending:
+            return None, None
+        return original_get(block)
+
+    dimse.get_msg = get_msg
+
+
 def _wrap_send(assoc) -> None:
     if getattr(assoc, "_clinicbox_send_wrapped", False):
         return
     original = assoc.send_c_store
+    _guard_responses(assoc)
 
     @wraps(original)
     def send_c_store(dataset, *args, **kwargs):
+        assoc._clinicbox_sending = True
+        try:
+            return _send(dataset, *args, **kwargs)
+        finally:
+            assoc._clinicbox_sending = False
+
+    def _send(dataset, *args, **kwargs):
         if not isinstance(dataset, StoredObject):
             return original(dataset, *args, **kwargs)
         path, syntax = dataset._clinicbox_path, dataset._clinicbox_syntax

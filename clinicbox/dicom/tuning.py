@@ -317,7 +317,10 @@ class _EventTime:
             if isinstance(thread, _dul.DULServiceProvider):
                 if _dul_wait(thread, seconds):
                     return
-            elif isinstance(thread, _association.Association):
+            elif isinstance(thread, _association.Association) and thread.is_acceptor:
+                # Requestor associations (our C-MOVE sub-operations, commitment reports) keep the stock
+                # sleep: their send_*() calls race the reactor for responses (pynetdicom check-then-act),
+                # and waking the reactor early on a queued message made that race likely.
                 if _association_wait(thread, seconds):
                     return
         time.sleep(seconds)
