@@ -8,23 +8,15 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.support.peers import ClinicBox, dcmtk, free_port, wait_for_port
+from tests.support.peers import ClinicBox, dcmtk, storescp
 from tests.support.synth import dataset_bytes, write_ct_series
 
 
 @pytest.fixture
 def destination(tmp_path):
     out = tmp_path / "dest"
-    out.mkdir()
-    port = free_port()
-    proc = subprocess.Popen([dcmtk("storescp"), "-aet", "VIEWER", "+xa", "-od", str(out), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, proc=proc)
+    with storescp(out, "VIEWER") as port:
         yield port, out
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def movescu(box, dest_aet, *keys):

@@ -15,7 +15,7 @@ from pynetdicom import AE, build_context
 
 from clinicbox.archive.files import uid_key
 from clinicbox.archive.parse import InvalidObject, parse_file
-from tests.support.peers import ClinicBox, dcmtk, free_port, wait_for_port
+from tests.support.peers import ClinicBox, dcmtk, storescp
 from tests.support.synth import dataset_bytes, write_ct_series
 
 TEST_FILES = pathlib.Path(pydicom.data.__file__).parent / "test_files"
@@ -76,16 +76,8 @@ def test_echo(server, echoscu):
 def storescp_bitpreserving(tmp_path):
     """DCMTK storescp writing exactly the bytes it receives: the independent record of what was sent."""
     out = tmp_path / "storescp"
-    out.mkdir()
-    port = free_port()
-    proc = subprocess.Popen([dcmtk("storescp"), "-aet", "REFERENCE", "+xa", "-od", str(out), "+B", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, proc=proc)
+    with storescp(out, "REFERENCE") as port:
         yield port, out
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_every_bundled_instance_round_trips_byte_identical(tmp_path, storescu, storescp_bitpreserving):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -43,6 +44,21 @@ def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | Non
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+
+
+@contextlib.contextmanager
+def storescp(out: Path, aet: str):
+    """DCMTK storescp writing exactly the bytes it receives (+B) into ``out``: yields its port."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen([dcmtk("storescp"), "-aet", aet, "+xa", "-od", str(out), "+B", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc=proc)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 class ClinicBox:
