@@ -907,7 +907,7 @@ def print_report(args, summaries: list[Summary], scenarios: list[str], rats: lis
         idle = max(r.idle_rss_mb or 0 for r in cb_runs)
         met = idle < TARGET_IDLE_RSS_MB
         all_met &= met
-        print(f"\nClinicBox memory (python -m clinicbox serve, /proc/PID/status):")
+        print("\nClinicBox memory (python -m clinicbox serve, /proc/PID/status):")
         print(f"  idle RSS 1 s after listening: {idle:.0f} MB (max over runs)   "
               f"target < {TARGET_IDLE_RSS_MB} MB: {'MET' if met else 'MISSED'}")
         for scenario in scenarios:

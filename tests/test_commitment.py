@@ -7,7 +7,7 @@ import threading
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from tests.support.peers import ClinicBox, free_port
@@ -39,14 +39,21 @@ def _check(report: Dataset, files, missing_uid):
     assert failed.ReferencedSOPInstanceUID == missing_uid and failed.FailureReason == 0x0112
 
 
-def test_commitment_reported_on_the_same_association(tmp_path):
-    reports = []
+def _report_collector():
+    """(reports, event set on the first one, EVT_N_EVENT_REPORT handler) for a modality stand-in."""
+    reports: list = []
     got = threading.Event()
 
     def on_report(event):
         reports.append((event.event_type, event.event_information))
         got.set()
         return 0x0000, None
+
+    return reports, got, on_report
+
+
+def test_commitment_reported_on_the_same_association(tmp_path):
+    reports, got, on_report = _report_collector()
 
     with ClinicBox(tmp_path / "data") as box:
         files = write_ct_series(tmp_path / "ct", 3, rows=8, cols=8)
@@ -67,13 +74,7 @@ def test_commitment_reported_on_the_same_association(tmp_path):
 
 
 def test_commitment_reported_on_a_new_association_after_release(tmp_path):
-    reports = []
-    got = threading.Event()
-
-    def on_report(event):
-        reports.append((event.event_type, event.event_information))
-        got.set()
-        return 0x0000, None
+    reports, got, on_report = _report_collector()
 
     port = free_port()
     modality = AE(ae_title="MODALITY")

@@ -18,7 +18,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, build_context
 from pynetdicom.dsutils import encode
 
-from tests.support.peers import ClinicBox, dcmtk
+from tests.support.peers import ClinicBox
 from tests.support.synth import ORG_ROOT, ct_dataset, dataset_bytes, write_ct_series
 
 

@@ -15,7 +15,7 @@ from pynetdicom import AE, build_context
 
 from clinicbox.archive.files import uid_key
 from clinicbox.archive.parse import InvalidObject, parse_file
-from tests.support.peers import ClinicBox, dcmtk, storescp
+from tests.support.peers import ClinicBox, storescp
 from tests.support.synth import dataset_bytes, write_ct_series
 
 TEST_FILES = pathlib.Path(pydicom.data.__file__).parent / "test_files"

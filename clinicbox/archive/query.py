@@ -76,7 +76,10 @@ def _level_index(level: str) -> int:
     return LEVELS.index(level)
 
 
-def _keys_by_level(model: str, level: str) -> list[str]:
+def hierarchy(model: str, level: str, what: str = "query") -> list[str]:
+    """The levels from the model's root down to ``level``; QueryRefused when the pair is invalid."""
+    if level not in LEVELS or (model == "STUDY" and level == "PATIENT"):
+        raise QueryRefused(0xA900, f"{what} level {level!r} not valid for the {(model or '?').lower()} root model")
     first = 0 if model == "PATIENT" else 1
     return [LEVELS[i] for i in range(first, _level_index(level) + 1)]
 
@@ -88,9 +91,7 @@ def find(index: Index, model: str, level: str, identifier: dict, requested: list
     ``model`` is ``PATIENT`` or ``STUDY`` (root); ``identifier`` maps keywords to requested values;
     ``requested`` lists every keyword asked for, in order.
     """
-    if level not in LEVELS or (model == "STUDY" and level == "PATIENT"):
-        raise QueryRefused(0xA900, f"query level {level!r} not valid for the {model.lower()} root model")
-    levels = _keys_by_level(model, level)
+    levels = hierarchy(model, level)
     # hierarchical: above the query level only the unique key, with a single value
     match = {}
     for kw, value in identifier.items():

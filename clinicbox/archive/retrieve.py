@@ -7,17 +7,14 @@ StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, each possibly a list of UID
 from __future__ import annotations
 
 from clinicbox.archive.index import Index
-from clinicbox.archive.matching import LEVELS, where_clause
-from clinicbox.archive.query import UNIQUE_KEYS, QueryRefused
+from clinicbox.archive.matching import where_clause
+from clinicbox.archive.query import UNIQUE_KEYS, QueryRefused, hierarchy
 
 
 def instances_to_retrieve(index: Index, model: str, level: str, identifier: dict) -> list[dict]:
     """The instances to send, in series and instance order; QueryRefused when the identifier is unusable."""
-    if level not in LEVELS or (model == "STUDY" and level == "PATIENT"):
-        raise QueryRefused(0xA900, f"retrieve level {level!r} not valid for the {model.lower()} root model")
-    first = 0 if model == "PATIENT" else 1
     keys = {}
-    for lv in LEVELS[first:LEVELS.index(level) + 1]:
+    for lv in hierarchy(model, level, "retrieve"):
         key = UNIQUE_KEYS[lv]
         value = identifier.get(key)
         if not value:

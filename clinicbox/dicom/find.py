@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pynetdicom.sop_class import (
@@ -31,13 +32,20 @@ def _plain(value):
     return "" if value is None else str(value)
 
 
+def read_identifier(identifier: Dataset) -> tuple[str, dict]:
+    """(QueryRetrieveLevel, keyword -> value) of a C-FIND/C-GET/C-MOVE identifier (sequences skipped)."""
+    level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+    values = {e.keyword: _plain(e.value) for e in identifier if e.keyword and e.VR != "SQ"
+              and e.keyword not in ("QueryRetrieveLevel", "SpecificCharacterSet")}
+    return level, values
+
+
 def _charset_for(answer: Dataset, asked: list[str]) -> list[str] | str | None:
     texts = [str(e.value) for e in answer if e.VR in ("PN", "LO", "SH", "ST", "LT", "UT", "UC") and e.value]
     if all(t.isascii() for t in texts):
         return asked or None
     if asked and asked != ["ISO_IR 192"]:
         try:
-            from pydicom.charset import convert_encodings
             encodings = convert_encodings(asked)
             if len(encodings) == 1:
                 for t in texts:
@@ -52,11 +60,9 @@ def handle_find(event, archive: Archive, options: QueryOptions):
     model = MODELS.get(str(event.request.AffectedSOPClassUID))
     session = session_of(event.assoc)
     identifier = event.identifier
-    level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+    level, values = read_identifier(identifier)
     asked_charset = identifier.get("SpecificCharacterSet")
     asked = [asked_charset] if isinstance(asked_charset, str) and asked_charset else list(asked_charset or [])
-    values = {elem.keyword: _plain(elem.value) for elem in identifier if elem.keyword
-              and elem.keyword not in ("QueryRetrieveLevel", "SpecificCharacterSet") and elem.VR != "SQ"}
     requested = requested_keywords(identifier)
     count = 0
     try:

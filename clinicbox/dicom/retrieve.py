@@ -28,7 +28,8 @@ from clinicbox.archive.ingest import Archive
 from clinicbox.archive.query import QueryRefused
 from clinicbox.archive.retrieve import instances_to_retrieve
 from clinicbox.dicom import tuning
-from clinicbox.dicom.find import _plain
+from clinicbox.dicom.contexts import NATIVE_SYNTAXES
+from clinicbox.dicom.find import CANCEL, PENDING, UNABLE_TO_PROCESS, read_identifier
 from clinicbox.dicom.session import session_of
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,7 @@ MOVE_MODELS = {
     str(PatientRootQueryRetrieveInformationModelMove): "PATIENT",
     str(StudyRootQueryRetrieveInformationModelMove): "STUDY",
 }
-PENDING, CANCEL = 0xFF00, 0xFE00
-UNABLE_TO_PROCESS = 0xC000
-UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2")
+UNCOMPRESSED = NATIVE_SYNTAXES
 
 
 class StoredObject(Dataset):
@@ -117,9 +116,7 @@ def _wrap_send(assoc) -> None:
 def _rows(event, archive: Archive, models: dict, what: str):
     """(level, rows) for a retrieve request, or (status, None) when it cannot be answered."""
     model = models.get(str(event.request.AffectedSOPClassUID))
-    identifier = event.identifier
-    level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
-    values = {e.keyword: _plain(e.value) for e in identifier if e.keyword and e.VR != "SQ"}
+    level, values = read_identifier(event.identifier)
     session = session_of(event.assoc)
     try:
         return level, instances_to_retrieve(archive.index, model, level, values)
