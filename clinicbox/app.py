@@ -1,7 +1,8 @@
 """The composition root: builds the appliance from a config, starts and stops it in order.
 
 CLI, systemd and tests all go through :func:`make_appliance`.  Start order: data dir lock ->
-archive (index, migrations, writer) -> start-up repair -> DICOM service -> READY.  Stop order
+archive (index, migrations, writer) -> orders
+(their migrations; they follow stored images) -> start-up repair -> DICOM service -> READY.  Stop order
 is the reverse, so every store that got Success is committed before the process exits.
 """
 
@@ -19,6 +20,7 @@ from clinicbox.archive.ingest import Archive
 from clinicbox.archive.repair import repair
 from clinicbox.core.config import Config
 from clinicbox.dicom.server import DicomServer
+from clinicbox.orders.book import OrderBook
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,8 @@ class Appliance:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.archive = Archive(config.storage)
-        self.dicom = DicomServer(config.server, self.archive, config.query)
+        self.orders = OrderBook(self.archive)
+        self.dicom = DicomServer(config.server, self.archive, self.orders, config.query, config.worklist)
         self._stop = threading.Event()
         self._lock_file = None
 
@@ -62,6 +65,8 @@ class Appliance:
         self._lock_file.flush()
         try:
             self.archive.open()
+            self.orders.open()
+            self.orders.attach()
             repair(self.archive)
             self.dicom.start()
         except BaseException:

@@ -126,6 +126,16 @@ def _m0002(db: Database) -> None:
     )
 
 
+@migrations(name="0003_device_worklist")
+def _m0003(db: Database) -> None:
+    db.executescript(
+        """
+        ALTER TABLE devices ADD COLUMN charset TEXT NOT NULL DEFAULT '';
+        ALTER TABLE devices ADD COLUMN own_station_only INTEGER;
+        """
+    )
+
+
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -139,23 +149,24 @@ def connect(path: Path, *, synchronous: str = "normal") -> sqlite3.Connection:
     return conn
 
 
-def migrate(path: Path) -> list[str]:
+def migrate(path: Path, migration_set: Migrations = migrations) -> list[str]:
     """Create or upgrade the index at ``path``; return the names of the migrations applied.
 
+    Each room that keeps tables in the index has its own numbered set (the archive's by default).
     Serialised between processes (two `clinicbox import` started together on a new data dir).
     """
     with open(Path(path).with_name("migrate.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _migrate(path)
+        return _migrate(path, migration_set)
 
 
-def _migrate(path: Path) -> list[str]:
+def _migrate(path: Path, migration_set: Migrations) -> list[str]:
     conn = sqlite3.connect(path, timeout=30)
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         db = Database(conn)
-        pending = [m.name for m in migrations.pending(db)]
-        migrations.apply(db)
+        pending = [m.name for m in migration_set.pending(db)]
+        migration_set.apply(db)
         return pending
     finally:
         conn.close()
@@ -313,16 +324,30 @@ def record_device_seen(conn: sqlite3.Connection, ae_title: str, host: str) -> bo
 DEVICE_ROLES = ("modality", "workstation", "viewer", "emr", "capture", "archive", "printer")
 
 
-def upsert_device(conn: sqlite3.Connection, name: str, ae_title: str, host: str, port: int, role: str) -> None:
-    """Staff add (or change) a device; a caller already seen keeps its history."""
+CHARSETS = ("ISO_IR 100", "ISO_IR 192")
+
+
+def upsert_device(conn: sqlite3.Connection, name: str, ae_title: str, host: str, port: int, role: str,
+                  charset: str = "", own_station_only: bool | None = None) -> None:
+    """Staff add (or change) a device; a caller already seen keeps its history.
+
+    ``charset`` ('' = the configured default) is how worklist answers are encoded for it;
+    ``own_station_only`` (None = the configured default) limits a worklist query that omits the
+    Scheduled Station AE Title to the device's own steps.
+    """
     now = utcnow()
+    if charset and charset not in CHARSETS:
+        raise ValueError(f"character set {charset!r} is not one of {', '.join(CHARSETS)}")
     if conn.execute("SELECT 1 FROM devices WHERE name=? AND ae_title != ?", (name, ae_title)).fetchone():
         raise ValueError(f"a device named {name!r} already has another AE title")
-    cur = conn.execute("UPDATE devices SET name=?, host=?, port=?, role=?, added_at=COALESCE(added_at, ?)"
-                       " WHERE ae_title=?", (name, host, port, role, now, ae_title))
+    own = None if own_station_only is None else int(own_station_only)
+    cur = conn.execute("UPDATE devices SET name=?, host=?, port=?, role=?, charset=?, own_station_only=?,"
+                       " added_at=COALESCE(added_at, ?) WHERE ae_title=?",
+                       (name, host, port, role, charset, own, now, ae_title))
     if not cur.rowcount:
-        conn.execute("INSERT INTO devices (ae_title, name, host, port, role, first_seen, last_seen, added_at,"
-                     " associations) VALUES (?,?,?,?,?,?,?,?,0)", (ae_title, name, host, port, role, now, now, now))
+        conn.execute("INSERT INTO devices (ae_title, name, host, port, role, charset, own_station_only, first_seen,"
+                     " last_seen, added_at, associations) VALUES (?,?,?,?,?,?,?,?,?,?,0)",
+                     (ae_title, name, host, port, role, charset, own, now, now, now))
 
 
 def remove_device(conn: sqlite3.Connection, name_or_ae: str) -> bool:
@@ -380,12 +405,12 @@ class Index:
 
     def devices(self) -> list[dict]:
         return [dict(r) for r in self.conn.execute(
-            "SELECT name, ae_title, host, port, role, first_seen, last_seen, associations, added_at"
-            " FROM devices ORDER BY name = '', name, ae_title")]
+            "SELECT name, ae_title, host, port, role, charset, own_station_only, first_seen, last_seen,"
+            " associations, added_at FROM devices ORDER BY name = '', name, ae_title")]
 
     def device(self, ae_title: str) -> dict | None:
         """A device staff added (a caller that was only seen is not one)."""
-        row = self.conn.execute("SELECT name, ae_title, host, port, role FROM devices"
+        row = self.conn.execute("SELECT name, ae_title, host, port, role, charset, own_station_only FROM devices"
                                 " WHERE ae_title=? AND added_at IS NOT NULL", (ae_title,)).fetchone()
         return dict(row) if row else None
 

@@ -206,7 +206,7 @@ class Archive:
             log.warning("instance %s is encoded implicit VR under explicit transfer syntax %s; stored as received",
                         uid, parsed.transfer_syntax)
         event = InstanceStored(uid, cls, parsed.get("StudyInstanceUID"), parsed.get("SeriesInstanceUID"),
-                               calling_ae, parsed.size)
+                               calling_ae, parsed.size, parsed.get("AccessionNumber") or "")
         for listener in self.listeners:
             try:
                 listener(event)
@@ -248,8 +248,10 @@ class Archive:
             raise IngestError("no-space" if is_no_space(exc) else "failure", f"cannot copy: {exc}") from None
         return self.store_incoming(tmp, source=source)
 
-    def add_device(self, name: str, ae_title: str, host: str, port: int, role: str) -> None:
-        self.writer.call(lambda conn: idx.upsert_device(conn, name, ae_title, host, port, role))
+    def add_device(self, name: str, ae_title: str, host: str, port: int, role: str, charset: str = "",
+                   own_station_only: bool | None = None) -> None:
+        self.writer.call(lambda conn: idx.upsert_device(conn, name, ae_title, host, port, role, charset,
+                                                        own_station_only))
 
     def remove_device(self, name_or_ae: str) -> bool:
         return self.writer.call(lambda conn: idx.remove_device(conn, name_or_ae))

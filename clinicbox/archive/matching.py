@@ -28,6 +28,7 @@ class Field:
     level: str
     column: str  # qualified with the table alias used by queries: p, s (study), se, i
     vr: str
+    multivalued: bool = False  # column holds backslash-separated values; a key matches any of them
 
 
 FIELDS: dict[str, Field] = {
@@ -43,7 +44,7 @@ FIELDS: dict[str, Field] = {
     "StudyID": Field("STUDY", "s.study_id", "SH"),
     "StudyDescription": Field("STUDY", "s.study_description", "LO"),
     "ReferringPhysicianName": Field("STUDY", "s.referring_physician_name", "PN"),
-    "ModalitiesInStudy": Field("STUDY", "s.modalities_in_study", "CS"),
+    "ModalitiesInStudy": Field("STUDY", "s.modalities_in_study", "CS", multivalued=True),
     "SeriesInstanceUID": Field("SERIES", "se.series_instance_uid", "UI"),
     "Modality": Field("SERIES", "se.modality", "CS"),
     "SeriesNumber": Field("SERIES", "se.series_number", "IS"),
@@ -69,11 +70,11 @@ def _glob_escape(text: str) -> str:
     return text.replace("[", "[[]")
 
 
-def _like_pattern(text: str) -> str:
+def _like_pattern(text: str, escape: str = "\\") -> str:
     out = []
     for ch in text:
-        if ch in "%_\\":
-            out.append("\\" + ch)
+        if ch in "%_" + escape:
+            out.append(escape + ch)
         elif ch == "*":
             out.append("%")
         elif ch == "?":
@@ -94,12 +95,14 @@ def _range(column: str, value: str) -> tuple[str, list]:
     return f"({column} != '' AND {column} <= ?)", [high + "\uffff"]
 
 
-def condition(keyword: str, value, *, case_insensitive_names: bool = False) -> tuple[str, list] | None:
+def condition(keyword: str, value, *, case_insensitive_names: bool = False,
+              fields: dict[str, Field] = FIELDS) -> tuple[str, list] | None:
     """The SQL condition for one identifier key, or None for universal matching.
 
-    ``value`` is the key's value as pydicom gives it (str, list of str, or empty).
+    ``value`` is the key's value as pydicom gives it (str, list of str, or empty); ``fields`` maps
+    keywords to columns (the Q/R index by default; the worklist has its own).
     """
-    field = FIELDS.get(keyword)
+    field = fields.get(keyword)
     if field is None:
         raise UnsupportedMatch(f"matching on {keyword} is not supported")
     values = [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value or "")]
@@ -111,10 +114,11 @@ def condition(keyword: str, value, *, case_insensitive_names: bool = False) -> t
     if field.vr == "UI":
         marks = ",".join("?" * len(values))
         return f"{col} IN ({marks})", values
-    if keyword == "ModalitiesInStudy":
+    if field.multivalued:
+        # any stored value equals (or wildcard-matches) any asked value; LIKE is case-insensitive
+        # for ASCII, which suits the CS/AE values kept this way (modalities, station AE titles)
         parts = [f"('\\' || {col} || '\\') LIKE ? ESCAPE '|'" for _ in values]
-        return "(" + " OR ".join(parts) + ")", ["%\\" + v.replace("%", "|%").replace("_", "|_") + "\\%"
-                                                 for v in values]
+        return "(" + " OR ".join(parts) + ")", ["%\\" + _like_pattern(v, "|") + "\\%" for v in values]
     if len(values) > 1:
         raise UnsupportedMatch(f"{keyword}: value multiplicity > 1 is only supported for UIDs and modalities")
     v = values[0]
@@ -135,13 +139,14 @@ def condition(keyword: str, value, *, case_insensitive_names: bool = False) -> t
     return f"{col} = ?", [v]
 
 
-def where_clause(identifier: dict, *, case_insensitive_names: bool = False) -> tuple[str, list]:
+def where_clause(identifier: dict, *, case_insensitive_names: bool = False,
+                 fields: dict[str, Field] = FIELDS) -> tuple[str, list]:
     """AND of the conditions for every matchable key in ``identifier`` (keyword -> value)."""
     parts, params = [], []
     for keyword, value in identifier.items():
-        if keyword not in FIELDS:
+        if keyword not in fields:
             continue  # returned (empty or from the header) but not matched: treated as universal
-        cond = condition(keyword, value, case_insensitive_names=case_insensitive_names)
+        cond = condition(keyword, value, case_insensitive_names=case_insensitive_names, fields=fields)
         if cond:
             parts.append(cond[0])
             params.extend(cond[1])

@@ -99,6 +99,16 @@ class QuerySettings:
 
 
 @dataclass(frozen=True)
+class WorklistSettings:
+    charset: str = setting("ISO_IR 100", "Character set of worklist answers when neither the device's setting nor its query names one; ISO_IR 100 (Latin-1) transliterates other letters (Ł -> L).",
+                           choices=("ISO_IR 100", "ISO_IR 192"))
+    own_station_only: bool = setting(False, "A worklist query without Scheduled Station AE Title gets only the calling device's steps (per device: clinicbox devices add --own-station-only).")
+    max_results: int = setting(1000, "Most worklist items one query returns.", minimum=1, maximum=100000)
+    allow_from: str = setting("known", "Who may query the worklist and send MPPS: known (devices added with `clinicbox devices add`) or any caller.",
+                              choices=("known", "any"))
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     level: str = setting("INFO", "Log level for every room.",
                          choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -112,6 +122,7 @@ class Config:
     server: ServerSettings = field(default_factory=ServerSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     query: QuerySettings = field(default_factory=QuerySettings)
+    worklist: WorklistSettings = field(default_factory=WorklistSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
     @property
@@ -134,7 +145,7 @@ class Config:
 
 
 _SECTIONS: dict[str, type] = {"server": ServerSettings, "storage": StorageSettings, "query": QuerySettings,
-                              "logging": LoggingSettings}
+                              "worklist": WorklistSettings, "logging": LoggingSettings}
 
 
 def _field(cls: type, name: str) -> dataclasses.Field:

@@ -15,3 +15,4 @@ class InstanceStored:
     series_instance_uid: str
     calling_ae: str
     size: int
+    accession_number: str = ""

@@ -12,9 +12,10 @@ from pynetdicom.presentation import build_context
 
 from clinicbox.archive.ingest import Archive
 from clinicbox.archive.query import QueryOptions
-from clinicbox.core.config import QuerySettings, ServerSettings
-from clinicbox.dicom import commitment, contexts, find, handlers, retrieve, tuning
+from clinicbox.core.config import QuerySettings, ServerSettings, WorklistSettings
+from clinicbox.dicom import commitment, contexts, find, handlers, retrieve, tuning, worklist
 from clinicbox.dicom.session import session_of
+from clinicbox.orders.book import OrderBook
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,26 @@ def _log_device(ae_title: str, host: str, fut) -> None:
         log.info("new device seen: %s at %s", ae_title, host)
 
 
+def _by_sop_class(event, handlers: dict, default):
+    """C-FIND of one service or another (worklist, query/retrieve), by the request's SOP class."""
+    handler = handlers.get(str(event.request.AffectedSOPClassUID), default)
+    yield from handler(event)
+
+
 class DicomServer:
     """Hosts every SCP on one port. Built by the app's composition root."""
 
-    def __init__(self, settings: ServerSettings, archive: Archive,
-                 query: QuerySettings = QuerySettings()) -> None:
+    def __init__(self, settings: ServerSettings, archive: Archive, book: OrderBook,
+                 query: QuerySettings = QuerySettings(), worklist_settings: WorklistSettings = WorklistSettings()) -> None:
         self.settings = settings
         self.query = query
+        self.worklist = worklist_settings
         self.archive = archive
+        self.book = book
+        qr_find = partial(find.handle_find, archive=archive,
+                          options=QueryOptions(query.case_insensitive_names, query.max_results))
+        mwl_find = partial(worklist.handle_worklist_find, book=book, settings=worklist_settings,
+                           case_insensitive_names=query.case_insensitive_names)
         self.ae: AE | None = None
         self._server = None
         self._supported: dict[str, set[str]] = {}
@@ -58,8 +71,9 @@ class DicomServer:
             (evt.EVT_C_GET, retrieve.handle_get, [archive]),
             (evt.EVT_C_MOVE, retrieve.handle_move, [archive]),
             (evt.EVT_N_ACTION, commitment.handle_n_action, [archive, settings.ae_title]),
-            (evt.EVT_C_FIND, find.handle_find,
-             [archive, QueryOptions(query.case_insensitive_names, query.max_results)]),
+            (evt.EVT_C_FIND, _by_sop_class, [{worklist.MWL_FIND: mwl_find}, qr_find]),
+            (evt.EVT_N_CREATE, worklist.handle_n_create, [book]),
+            (evt.EVT_N_SET, worklist.handle_n_set, [book]),
         ]
 
     # --- life cycle ---------------------------------------------------------------------------
@@ -84,7 +98,7 @@ class DicomServer:
         self._supported = {uid: syntaxes for uid in (contexts.VERIFICATION, *contexts.storage_sop_classes())}
         native = frozenset(contexts.NATIVE_SYNTAXES)
         self._supported.update({uid: native for uid in (*find.MODELS, *retrieve.MODELS, *retrieve.MOVE_MODELS,
-                                                        commitment.SOP_CLASS)})
+                                                        commitment.SOP_CLASS, worklist.MWL_FIND, worklist.MPPS)})
         return ae
 
     def start(self) -> None:
@@ -144,13 +158,17 @@ class DicomServer:
         proposed = assoc.requestor.primitive.presentation_context_definition_list
         wanted, unknown = self._contexts_for(proposed)
         caller = assoc.requestor.primitive.calling_ae_title
-        query_models = (*find.MODELS, *retrieve.MODELS, *retrieve.MOVE_MODELS)
-        if self.query.allow_from == "known" and any(uid in query_models for uid in wanted) \
-                and self.archive.index.device(caller) is None:
-            for uid in query_models:
-                wanted.pop(uid, None)
-            log.warning("%s may not query/retrieve: not a known device (clinicbox devices add …, "
-                        "or query.allow_from = \"any\")", caller)
+        gates = (((*find.MODELS, *retrieve.MODELS, *retrieve.MOVE_MODELS), self.query.allow_from,
+                  "query/retrieve", "query.allow_from"),
+                 ((worklist.MWL_FIND, worklist.MPPS), self.worklist.allow_from, "query the worklist or send MPPS",
+                  "worklist.allow_from"))
+        for models, allow_from, what, key in gates:
+            if allow_from == "known" and any(uid in models for uid in wanted) \
+                    and self.archive.index.device(caller) is None:
+                for uid in models:
+                    wanted.pop(uid, None)
+                log.warning("%s may not %s: not a known device (clinicbox devices add …, or %s = \"any\")",
+                            caller, what, key)
         for uid in unknown:
             if not contexts.register_private_storage_class(uid):
                 wanted.pop(uid, None)

@@ -1,0 +1,1 @@
+"""The orders room: orders and their scheduled procedure steps, the worklist, MPPS."""
