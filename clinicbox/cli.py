@@ -199,7 +199,9 @@ def cmd_serve(args, config: cfg.Config) -> int:
 def cmd_import(args, config: cfg.Config) -> int:
     from clinicbox.archive.importer import import_paths
 
-    archive = _open_archive(config)
+    book = _open_book(config)
+    book.attach()  # imported images count against their orders, as received ones do
+    archive = book.archive
     show = not args.quiet and sys.stderr.isatty()
 
     def progress(n: int, total: int) -> None:
