@@ -261,3 +261,24 @@ def test_csv_rows_sharing_an_accession_are_one_order_and_bad_rows_are_named():
     assert [label for label, _ in errors] == ["row 4", "row 5"]
     assert "patient_name" in errors[0][1] and "at" in errors[1][1]
     assert parse("patient_id,name\n")[1][0][0] == "header"
+
+
+@pytest.mark.parametrize("charset", ["ISO_IR 100", "ISO_IR 192"])
+@pytest.mark.parametrize("implicit", [True, False])
+def test_compiled_answers_are_byte_identical_to_pydicom_encoded_answers(book, charset, implicit):
+    from pynetdicom.dsutils import encode
+
+    book.add(_order(name="WRÓBEL^ŁUKASZ", patient_birth_date="1980-02-03", medical_alerts=["Pacemaker", "Latex"],
+                    procedure_code_value="US-ABD"), who="d")
+    book.add(_order(pid="P2", name="Müller^Jürgen", stations=("AA32", "AA33")), who="d")
+    q = _query()
+    q.RequestedProcedureCodeSequence = []  # asked for, no item: the code comes back whole
+    q.MedicalAlerts = ""
+    q.ScheduledProcedureStepSequence[0].ScheduledProtocolCodeSequence = [Dataset()]
+    q.ScheduledProcedureStepSequence[0].ScheduledProtocolCodeSequence[0].CodeValue = ""
+    q.ScheduledProcedureStepSequence[0].ScheduledProtocolCodeSequence[0].CodeMeaning = ""
+    query = read_query(q)
+    datasets = list(book.worklist(query, charset=charset))
+    compiled = list(book.worklist(query, charset=charset, implicit=implicit))
+    assert len(compiled) == 2
+    assert compiled == [encode(ds, implicit, True, False) for ds in datasets]

@@ -44,3 +44,4 @@ def test_incoming_file_keeps_write_errors(tmp_path):
     assert f.write(b"abc") == 3
     assert isinstance(f.error, OSError)
     f._fd = None
+    f._finalizer.detach()  # its fd number is closed already and may belong to another file by now

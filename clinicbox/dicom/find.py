@@ -14,6 +14,7 @@ from pynetdicom.sop_class import (
 
 from clinicbox.archive.ingest import Archive
 from clinicbox.archive.query import QueryOptions, QueryRefused, find, requested_keywords
+from clinicbox.dicom import answers
 from clinicbox.dicom.session import session_of
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def handle_find(event, archive: Archive, options: QueryOptions):
     asked = [asked_charset] if isinstance(asked_charset, str) and asked_charset else list(asked_charset or [])
     requested = requested_keywords(identifier)
     count = 0
+    stream = answers.open_stream(event)
     try:
         for answer in find(archive.index, model, level, values, requested, options):
             if event.is_cancelled:
@@ -75,7 +77,14 @@ def handle_find(event, archive: Archive, options: QueryOptions):
             if charset:
                 answer.SpecificCharacterSet = charset
             count += 1
-            yield PENDING, answer
+            if stream is None:
+                yield PENDING, answer
+            elif not stream.add(PENDING, answer):
+                log.warning("C-FIND from %s: connection lost after %d answers", session.who, stream.sent)
+                return
+        if stream is not None and not stream.flush():
+            log.warning("C-FIND from %s: connection lost after %d answers", session.who, stream.sent)
+            return
     except QueryRefused as exc:
         log.warning("C-FIND from %s refused (0x%04X): %s", session.who, exc.status, exc.reason)
         yield exc.status, None

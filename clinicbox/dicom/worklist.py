@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -14,6 +15,7 @@ from clinicbox.core.config import WorklistSettings
 from clinicbox.orders.book import OrderBook
 from clinicbox.orders.mpps import MppsRefused
 from clinicbox.orders.worklist import LATIN1, UTF8, read_query
+from clinicbox.dicom import answers
 from clinicbox.dicom.session import session_of
 
 log = logging.getLogger(__name__)
@@ -59,16 +61,26 @@ def handle_worklist_find(event, book: OrderBook, settings: WorklistSettings, cas
     station = session.calling_ae if _own_station(device, settings) else None
     pending = PENDING_WARNING if query.unsupported else PENDING
     count, status = 0, "success"
+    started = time.perf_counter()
+    stream = answers.open_stream(event)
     try:
         for answer in book.worklist(query, charset=charset, case_insensitive_names=case_insensitive_names,
-                                    station_filter=station, max_results=settings.max_results):
+                                    station_filter=station, max_results=settings.max_results,
+                                    implicit=stream.implicit if stream is not None else None):
             if event.is_cancelled:
                 status = "cancelled"
                 log.info("worklist query from %s cancelled after %d answers", session.who, count)
                 yield CANCEL, None
                 return
             count += 1
-            yield pending, answer
+            if stream is None:
+                yield pending, answer
+            elif not stream.add(pending, answer):
+                status = "connection lost"
+                return
+        if stream is not None and not stream.flush():
+            status = "connection lost"
+            return
     except UnsupportedMatch as exc:
         status = f"refused: {exc}"
         log.warning("worklist query from %s refused: %s", session.who, exc)
@@ -84,8 +96,8 @@ def handle_worklist_find(event, book: OrderBook, settings: WorklistSettings, cas
     if query.unsupported:
         log.info("worklist query from %s: keys matched universally (not supported for matching): %s",
                  session.who, ", ".join(query.unsupported))
-    log.info("worklist query from %s%s: %d item(s), %s", session.who,
-             " (own station only)" if station else "", count, charset)
+    log.info("worklist query from %s%s: %d item(s), %s, %.1f ms", session.who,
+             " (own station only)" if station else "", count, charset, (time.perf_counter() - started) * 1000)
     yield SUCCESS, None
 
 

@@ -20,6 +20,7 @@ from pydicom.datadict import keyword_for_tag
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
+from clinicbox.archive import encode
 from clinicbox.archive.matching import Field, UnsupportedMatch, condition
 from clinicbox.orders.schema import ACTIVE, IN_PROGRESS
 from clinicbox.orders.text import to_latin1
@@ -131,16 +132,19 @@ def _where(query: WorklistQuery, case_insensitive_names: bool, station_filter: s
 
 def find(conn: sqlite3.Connection, query: WorklistQuery, *, charset: str = LATIN1,
          case_insensitive_names: bool = True, station_filter: str | None = None,
-         max_results: int = 1000) -> Iterator[Dataset]:
+         max_results: int = 1000, implicit: bool | None = None) -> Iterator[Dataset | bytes]:
     """Yield one answer per matching active scheduled procedure step, in start date/time order.
 
-    ``station_filter`` (the caller's AE title) limits a query that names no station to that
-    station's steps.  Raises :class:`UnsupportedMatch` for a key value we cannot match on.
+    Answers are data sets, or, when ``implicit`` is given, already encoded little endian with
+    implicit (True) or explicit (False) VR.  ``station_filter`` (the caller's AE title) limits a
+    query that names no station to that station's steps.  Raises :class:`UnsupportedMatch` for a
+    key value we cannot match on.
     """
     where, params = _where(query, case_insensitive_names, station_filter)
     sql = f"{_SELECT} WHERE {where} ORDER BY ps.start_date, ps.start_time, ps.id LIMIT ?"
+    plan = AnswerPlan(query.identifier, charset, implicit) if implicit is not None else None
     for row in conn.execute(sql, [*params, max_results]):
-        yield answer(row, query.identifier, charset)
+        yield plan.encode(row) if plan else answer(row, query.identifier, charset)
 
 
 # --- answers ----------------------------------------------------------------------------------
@@ -240,4 +244,60 @@ def answer(row, identifier: Dataset, charset: str) -> Dataset:
     return ds
 
 
-__all__ = ["FIELDS", "LATIN1", "UTF8", "UnsupportedMatch", "WorklistQuery", "answer", "find", "read_query"]
+
+
+class AnswerPlan:
+    """The requested keys of one identifier, compiled once and written per step without pydicom.
+
+    Gives the same answers as :func:`answer` (the tests compare them) at a fraction of the cost:
+    a worklist of a few hundred items is answered in milliseconds.
+    """
+
+    def __init__(self, identifier: Dataset, charset: str, implicit: bool) -> None:
+        self.charset = charset
+        self.codec = "latin_1" if charset == LATIN1 else "utf_8"
+        self.implicit = implicit
+        self.entries = self._compile(identifier, top=True)
+
+    def _compile(self, template: Dataset, top: bool) -> list:
+        entries = [(0x00080005, "CS", "SpecificCharacterSet", None)] if top else []
+        for elem in template:
+            tag = int(elem.tag)
+            if tag == 0x00080005:
+                continue
+            kw = keyword_for_tag(elem.tag)
+            sub = None
+            if elem.VR == "SQ" and elem.value and len(elem.value[0]):
+                sub = self._compile(elem.value[0], top=False)
+            entries.append((tag, elem.VR, kw, sub))
+        return sorted(entries, key=lambda e: e[0])
+
+    def encode(self, row) -> bytes:
+        top, sps = _values(row)
+        top["SpecificCharacterSet"] = self.charset
+        return self._encode(self.entries, top, sps)
+
+    def _item(self, sub, values: dict) -> bytes:
+        if sub is not None:
+            return encode.item(self._encode(sub, values, None))
+        ds = _all({k: v for k, v in values.items() if v not in ("", [])}, self.charset)
+        return encode.item(encode.encode_dataset(ds, self.implicit, [self.codec]))
+
+    def _encode(self, entries: list, values: dict, sps: dict | None) -> bytes:
+        out = []
+        latin = self.charset == LATIN1
+        for tag, vr, kw, sub in entries:
+            if vr == "SQ":
+                if sps is not None and kw == SPS:
+                    body = self._item(sub, sps)
+                else:
+                    body = b"".join(self._item(sub, v) for v in (values.get(kw) or []))
+                out.append(encode.header(tag, "SQ", len(body), self.implicit) + body)
+                continue
+            value = values.get(kw, "")
+            text = "\\".join(value) if isinstance(value, list) else str(value)
+            if latin and vr in encode.TEXT_VRS:
+                text = to_latin1(text)
+            data = encode.text_bytes(text, vr, self.codec)
+            out.append(encode.header(tag, vr, len(data), self.implicit) + data)
+        return b"".join(out)
