@@ -11,7 +11,7 @@ from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import encode
 
 from clinicbox.archive.encode import encode_dataset
-from clinicbox.dicom.answers import _pdus, command_set
+from clinicbox.dicom.answers import pdus, command_set
 
 
 def _qr_answer() -> Dataset:
@@ -65,16 +65,16 @@ def test_command_set_matches_pynetdicom():
 
 def test_pdus_respect_the_peers_maximum_and_reassemble():
     data = bytes(range(256)) * 40  # 10,240 bytes
-    pdus = _pdus(3, data, False, 4096)
-    assert len(pdus) == 3
+    parts = pdus(3, data, False, 4096)
+    assert len(parts) == 3
     body = b""
-    for n, pdu in enumerate(pdus):
+    for n, pdu in enumerate(parts):
         kind, _, length = struct.unpack(">BBI", pdu[:6])
         assert kind == 0x04 and length == len(pdu) - 6 and length <= 4096
         item_len, cx, header = struct.unpack(">IBB", pdu[6:12])
         assert cx == 3 and item_len == length - 4
-        assert header == (0x02 if n == len(pdus) - 1 else 0x00)  # data set; last fragment flagged
+        assert header == (0x02 if n == len(parts) - 1 else 0x00)  # data set; last fragment flagged
         body += pdu[12:]
     assert body == data
-    [whole] = _pdus(1, b"abcd", True, 0)  # 0: the peer sets no limit
+    [whole] = pdus(1, b"abcd", True, 0)  # 0: the peer sets no limit
     assert whole[11] == 0x03  # command, last fragment

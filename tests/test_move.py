@@ -96,3 +96,86 @@ def test_move_series_level_counts_and_failed_instance(tmp_path, destination):
         assert len(list(out.iterdir())) == 3, r.stderr
         assert "Received Final Move Response (Warning: SubOperationsCompleteOneOrMoreFailures)" in r.stderr, r.stderr
         assert "has no readable file" in box.log()
+
+
+def test_move_decompresses_for_a_destination_taking_only_uncompressed(tmp_path):
+    """A JPEG object goes to a storescp that accepts only uncompressed syntaxes: decoded, same UID."""
+    from tests.support.peers import free_port, wait_for_port
+
+    src = pydicom.data.get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")
+    original = pydicom.dcmread(src)
+    out = tmp_path / "plain"
+    out.mkdir()
+    port = free_port()
+    dest = subprocess.Popen([dcmtk("storescp"), "-aet", "PLAIN", "-od", str(out), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc=dest)
+        with ClinicBox(tmp_path / "data") as box:
+            box.cli("devices", "add", "MOVER", "--ae", "MOVESCU", "--host", "127.0.0.1", "--port", "11113")
+            box.cli("devices", "add", "PLAIN", "--ae", "PLAIN", "--host", "127.0.0.1", "--port", str(port))
+            assert "imported 1" in box.cli("import", src).stdout
+            r = movescu(box, "PLAIN", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={original.StudyInstanceUID}")
+            assert "Received Final Move Response (Success)" in r.stderr, r.stderr
+    finally:
+        dest.terminate()
+        dest.wait(10)
+    [got] = list(out.iterdir())
+    moved = pydicom.dcmread(got)
+    assert moved.SOPInstanceUID == original.SOPInstanceUID
+    assert not moved.file_meta.TransferSyntaxUID.is_compressed
+    assert moved.pixel_array.shape == original.pixel_array.shape
+
+
+def test_unreachable_destination_and_cancel(tmp_path):
+    """A known destination that does not answer: 0xA801. A C-CANCEL stops a move between images."""
+    import threading
+    import time
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelMove
+
+    from tests.support.peers import free_port
+
+    received = []
+
+    def slow_store(event):
+        received.append(event.request.AffectedSOPInstanceUID)
+        time.sleep(0.05)
+        return 0x0000
+
+    dest_ae = AE(ae_title="SLOW")
+    dest_ae.add_supported_context(CTImageStorage)
+    slow_port = free_port()
+    server = dest_ae.start_server(("127.0.0.1", slow_port), block=False,
+                                  evt_handlers=[(evt.EVT_C_STORE, slow_store)])
+    try:
+        with ClinicBox(tmp_path / "data") as box:
+            box.cli("devices", "add", "MOVER", "--ae", "MOVESCU", "--host", "127.0.0.1", "--port", "11113")
+            box.cli("devices", "add", "GONE", "--ae", "GONE", "--host", "127.0.0.1", "--port", str(free_port()))
+            box.cli("devices", "add", "SLOW", "--ae", "SLOW", "--host", "127.0.0.1", "--port", str(slow_port))
+            files = write_ct_series(tmp_path / "ct", 40, rows=8, cols=8, patient_id="MOV3")
+            assert "imported 40" in box.cli("import", str(tmp_path / "ct")).stdout
+            study = pydicom.dcmread(files[0]).StudyInstanceUID
+            ae = AE(ae_title="MOVESCU")
+            ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+            assoc = ae.associate("127.0.0.1", box.port, ae_title="CLINICBOX")
+            assert assoc.is_established
+            ident = pydicom.Dataset()
+            ident.QueryRetrieveLevel, ident.StudyInstanceUID = "STUDY", study
+            [(status, _)] = list(assoc.send_c_move(ident, "GONE", StudyRootQueryRetrieveInformationModelMove))
+            assert status.Status == 0xA801
+            statuses = []
+            cx = assoc._get_valid_context(StudyRootQueryRetrieveInformationModelMove, "", "scu")
+            for status, _ in assoc.send_c_move(ident, "SLOW", StudyRootQueryRetrieveInformationModelMove, msg_id=7):
+                statuses.append(status)
+                if len(statuses) == 2:
+                    threading.Thread(target=assoc.send_c_cancel, args=(7, cx.context_id)).start()
+            assoc.release()
+            final = statuses[-1]
+            assert final.Status == 0xFE00, [hex(s.Status) for s in statuses]
+            assert 0 < final.NumberOfRemainingSuboperations < 40
+            assert final.NumberOfCompletedSuboperations + final.NumberOfRemainingSuboperations == 40
+            assert len(received) < 40
+    finally:
+        server.shutdown()

@@ -33,8 +33,12 @@ def _element_us(tag: int, value: int) -> bytes:
 
 
 def command_set(sop_class_uid: str, command_field: int, message_id: int, status: int,
-                has_data_set: bool = True) -> bytes:
-    """A response command set (always implicit VR little endian), group length included."""
+                has_data_set: bool = True, counts: tuple[int | None, int, int, int] | None = None) -> bytes:
+    """A response command set (always implicit VR little endian), group length included.
+
+    ``counts`` (remaining, completed, failed, warning) are the sub-operation counts of C-MOVE and
+    C-GET responses; remaining None leaves it out (final responses).
+    """
     uid = sop_class_uid.encode("ascii")
     if len(uid) % 2:
         uid += b"\0"
@@ -43,10 +47,14 @@ def command_set(sop_class_uid: str, command_field: int, message_id: int, status:
             + _element_us(0x00000120, message_id)
             + _element_us(0x00000800, 0x0001 if has_data_set else 0x0101)
             + _element_us(0x00000900, status))
+    if counts is not None:
+        for tag, value in zip((0x00001020, 0x00001021, 0x00001022, 0x00001023), counts):
+            if value is not None:
+                body += _element_us(tag, value)
     return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
 
 
-def _pdus(context_id: int, data: bytes, is_command: bool, max_pdu: int) -> list[bytes]:
+def pdus(context_id: int, data: bytes, is_command: bool, max_pdu: int) -> list[bytes]:
     """P-DATA-TF PDUs carrying ``data`` as PDV fragments no larger than the peer takes."""
     room = (max_pdu - 6) if max_pdu else len(data) or 1
     room = max(room, 1)
@@ -90,8 +98,8 @@ class AnswerStream:
         if self.failed:
             return False
         data = answer if isinstance(answer, bytes) else encode_dataset(answer, self.implicit)
-        for pdu in (*_pdus(self.context_id, self._command(status), True, self.max_pdu),
-                    *_pdus(self.context_id, data, False, self.max_pdu)):
+        for pdu in (*pdus(self.context_id, self._command(status), True, self.max_pdu),
+                    *pdus(self.context_id, data, False, self.max_pdu)):
             self._buffer.append(pdu)
             self._size += len(pdu)
         self._queued += 1

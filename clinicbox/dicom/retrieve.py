@@ -1,4 +1,4 @@
-"""C-GET SCP door: the archive room says which instances; they go back as stored.
+"""C-GET SCP door: the archive room says which instances; they go back as stored (C-MOVE: move.py).
 
 pynetdicom's C-GET service sends only ``Dataset`` objects (it re-encodes them).  To send each
 object's stored bytes unchanged, the handler yields a :class:`StoredObject` (a ``Dataset`` that only
@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from pynetdicom import build_context, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -27,7 +26,6 @@ from pynetdicom.sop_class import (
 from clinicbox.archive.ingest import Archive
 from clinicbox.archive.query import QueryRefused
 from clinicbox.archive.retrieve import instances_to_retrieve
-from clinicbox.dicom import tuning
 from clinicbox.dicom.contexts import NATIVE_SYNTAXES
 from clinicbox.dicom.find import CANCEL, PENDING, UNABLE_TO_PROCESS, read_identifier
 from clinicbox.dicom.session import session_of
@@ -152,42 +150,3 @@ def handle_get(event, archive: Archive):
     yield len(rows)
     log.info("C-GET %s level from %s: %d instance(s)", level, session_of(event.assoc).who, len(rows))
     yield from _sub_operations(event, archive, rows, "C-GET")
-
-
-def _store_contexts(rows: list[dict]) -> list:
-    """Contexts for the move destination: each class in its stored syntax, and uncompressed to fall back."""
-    wanted: dict[str, list[str]] = {}
-    for row in rows:
-        syntaxes = wanted.setdefault(row["sop_class_uid"], [])
-        if row["transfer_syntax_uid"] not in syntaxes:
-            syntaxes.append(row["transfer_syntax_uid"])
-    contexts = []
-    for sop_class, syntaxes in wanted.items():
-        for ts in syntaxes:
-            if ts not in UNCOMPRESSED:
-                contexts.append(build_context(sop_class, ts))
-        contexts.append(build_context(sop_class, list(UNCOMPRESSED)))
-    return contexts[:128]
-
-
-def handle_move(event, archive: Archive):
-    session = session_of(event.assoc)
-    destination = str(event.move_destination or "").strip()
-    device = archive.index.device(destination)
-    if device is None or not device.get("port"):
-        log.warning("C-MOVE from %s to unknown destination %r (0xA801)", session.who, destination)
-        yield None, None  # pynetdicom answers 0xA801: Move Destination unknown
-        return
-    level, rows = _rows(event, archive, MOVE_MODELS, "C-MOVE")
-    if rows is None:  # pynetdicom wants a destination and a count before any status
-        yield device["host"], device["port"]
-        yield 1
-        yield level, None
-        return
-    handlers = [(evt.EVT_CONN_OPEN, lambda e: tuning.set_nodelay(e.assoc)),
-                (evt.EVT_ESTABLISHED, lambda e: (tuning.set_nodelay(e.assoc), _wrap_send(e.assoc)))]
-    yield device["host"], device["port"], {"contexts": _store_contexts(rows) or None,
-                                           "evt_handlers": handlers}
-    yield len(rows)
-    log.info("C-MOVE %s level from %s to %s: %d instance(s)", level, session.who, destination, len(rows))
-    yield from _sub_operations(event, archive, rows, "C-MOVE")

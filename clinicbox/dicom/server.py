@@ -13,7 +13,7 @@ from pynetdicom.presentation import build_context
 from clinicbox.archive.ingest import Archive
 from clinicbox.archive.query import QueryOptions
 from clinicbox.core.config import QuerySettings, ServerSettings, WorklistSettings
-from clinicbox.dicom import commitment, contexts, find, handlers, retrieve, tuning, worklist
+from clinicbox.dicom import commitment, contexts, find, handlers, move, retrieve, tuning, worklist
 from clinicbox.dicom.session import session_of
 from clinicbox.orders.book import OrderBook
 
@@ -69,7 +69,6 @@ class DicomServer:
             (evt.EVT_C_ECHO, handlers.handle_echo),
             (evt.EVT_C_STORE, handlers.handle_store, [archive]),
             (evt.EVT_C_GET, retrieve.handle_get, [archive]),
-            (evt.EVT_C_MOVE, retrieve.handle_move, [archive]),
             (evt.EVT_N_ACTION, commitment.handle_n_action, [archive, settings.ae_title]),
             (evt.EVT_C_FIND, _by_sop_class, [{worklist.MWL_FIND: mwl_find}, qr_find]),
             (evt.EVT_N_CREATE, worklist.handle_n_create, [book]),
@@ -143,6 +142,9 @@ class DicomServer:
 
     def _on_conn_open(self, event) -> None:
         tuning.prepare_association(event.assoc)
+        tuning.route_moves(event.assoc, partial(move.serve_move, archive=self.archive,
+                                                our_ae_title=self.settings.ae_title,
+                                                timeout=self.settings.dimse_timeout))
         tuning.set_nodelay(event.assoc)
         session = session_of(event.assoc)
         session.host, session.port = event.address[0], event.address[1]

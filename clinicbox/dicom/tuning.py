@@ -14,12 +14,15 @@
    its DIMSE message queue.  The 1 ms timeout stays as the upper bound, so timers are checked
    as often as before and an idle association costs no more CPU than stock pynetdicom; short
    spin-sleeps (tried first) cost 8 threads x 20,000 wake-ups a second with 4 senders.
-3. **C-FIND answers in batches.**  :mod:`clinicbox.dicom.answers` writes pending C-FIND
+3. **C-MOVE answered by ClinicBox.**  ``QueryRetrieveServiceClass.SCP`` hands an association's
+   C-MOVE requests to the function set with :func:`route_moves` (``clinicbox.dicom.move``), which
+   answers them completely; C-FIND and C-GET still go to pynetdicom's service.
+4. **C-FIND answers in batches.**  :mod:`clinicbox.dicom.answers` writes pending C-FIND
    responses as ready-made P-DATA-TF PDUs straight to the association's socket
    (:func:`raw_send`), many per send, instead of one DIMSE message per answer through the DUL
    thread.  Only the association's own reactor thread does this, while it serves the request,
    so nothing else writes DIMSE data on that association meanwhile.
-4. **Receive in large reads.**  ``AssociationSocket.recv`` read PDUs 4 KB at a time (128
+5. **Receive in large reads.**  ``AssociationSocket.recv`` read PDUs 4 KB at a time (128
    ``recv`` calls per 0.5 MB image); ours reads up to 256 KB per call, and refuses a PDU that
    claims more than the maximum length we announced (a hostile length no longer grows memory).
 
@@ -46,12 +49,16 @@ import pynetdicom
 from pynetdicom import association as _association
 from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom import dul as _dul
+from pynetdicom import dimse as _dimse
+from pynetdicom import service_class as _service_class
 from pynetdicom import transport as _transport
+from pynetdicom.dimse_primitives import C_MOVE as _C_MOVE
 
 _REACTOR_POLL = 0.001     # the reactors' poll sleep; other sleeps (busy waits, kill/abort loops) stay real
 _RECV_CHUNK = 256 * 1024
 
 _original_ntf = _dimse_messages.NamedTemporaryFile
+_original_qr_scp = _service_class.QueryRetrieveServiceClass.SCP
 _sinks: "weakref.WeakKeyDictionary[object, Callable[[], IncomingFile]]" = weakref.WeakKeyDictionary()
 _installed = False
 
@@ -348,6 +355,18 @@ def _recv(self, nr_bytes: int) -> bytearray:
     return out
 
 
+def route_moves(assoc, serve: Callable) -> None:
+    """Have this association's C-MOVE requests answered by ``serve(assoc, req, context)``."""
+    assoc._clinicbox_move = serve
+
+
+def _qr_scp(self, req, context):
+    serve = getattr(self.assoc, "_clinicbox_move", None)
+    if serve is not None and isinstance(req, _C_MOVE):
+        return serve(self.assoc, req, context)
+    return _original_qr_scp(self, req, context)
+
+
 def installed() -> bool:
     return _installed
 
@@ -384,7 +403,6 @@ def _check_internals() -> None:
             problems.append(f"{mod.__name__} no longer uses the time module")
     if "to_provider_queue" not in inspect.getsource(_dul.DULServiceProvider.__init__):
         problems.append("DULServiceProvider has no to_provider_queue")
-    from pynetdicom import dimse as _dimse
     if "msg_queue" not in inspect.getsource(_dimse.DIMSEServiceProvider.__init__):
         problems.append("DIMSEServiceProvider has no msg_queue")
     recv_src = inspect.getsource(_transport.AssociationSocket.recv) if _transport.AssociationSocket.recv is not _recv else ""
@@ -394,6 +412,12 @@ def _check_internals() -> None:
         problems.append("DULServiceProvider.run_reactor no longer polls with _run_loop_delay")
     if "_idle_timer" not in inspect.getsource(_dul.DULServiceProvider.run_reactor):
         problems.append("DULServiceProvider no longer restarts _idle_timer on received data")
+    if "_move_scp" not in inspect.getsource(_service_class.QueryRetrieveServiceClass.SCP) and \
+            _service_class.QueryRetrieveServiceClass.SCP is not _qr_scp:
+        problems.append("QueryRetrieveServiceClass.SCP no longer dispatches C-MOVE to _move_scp")
+    if not hasattr(_dimse.DIMSEServiceProvider, "__init__") or \
+            "cancel_req" not in inspect.getsource(_dimse.DIMSEServiceProvider.__init__):
+        problems.append("DIMSEServiceProvider.cancel_req is gone")
     if "maximum_pdu_size" not in dir(_dimse.DIMSEServiceProvider):
         problems.append("DIMSEServiceProvider.maximum_pdu_size is gone")
     if "self.socket" not in inspect.getsource(_transport.AssociationSocket.send) or \
@@ -417,4 +441,5 @@ def install() -> None:
     _dul.time = _EventTime()
     _association.time = _EventTime()
     _transport.AssociationSocket.recv = _recv
+    _service_class.QueryRetrieveServiceClass.SCP = _qr_scp
     _installed = True

@@ -21,7 +21,7 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
 from clinicbox.archive import encode
-from clinicbox.archive.matching import Field, UnsupportedMatch, condition
+from clinicbox.archive.matching import Field, condition
 from clinicbox.orders.schema import ACTIVE, IN_PROGRESS
 from clinicbox.orders.text import to_latin1
 
