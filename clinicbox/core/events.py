@@ -16,3 +16,4 @@ class InstanceStored:
     calling_ae: str
     size: int
     accession_number: str = ""
+    replaced: bool = False  # an instance already stored came again with other content and replaced it

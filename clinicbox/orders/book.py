@@ -197,6 +197,8 @@ class OrderBook:
 
     def instance_stored(self, event: InstanceStored) -> None:
         """Count an arriving image against its order (asynchronously: the store is never slowed)."""
+        if event.replaced:
+            return  # counted when it first came
         fut = self.archive.writer.submit(
             lambda conn: _note_images(conn, event.study_instance_uid, event.accession_number, 1))
         fut.add_done_callback(_log_failure)
