@@ -31,34 +31,37 @@ INVALID_VALUE, MISSING_ATTRIBUTE, MISSING_VALUE = 0x0106, 0x0120, 0x0121
 NO_LONGER_UPDATABLE = 0xA710
 
 
-POOL = 40  # orders made up front by one CSV import: a CLI call per order would cost 0.3 s each
+POOL = 24  # orders made up front by one CSV import: a CLI call per order would cost 0.3 s each
 
 
 @pytest.fixture(scope="module")
 def box(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mpps")
     box = ClinicBox(tmp / "data").start()
-    box.cli("devices", "add", "US-ROOM-1", "--ae", MODALITY_AE, "--host", "127.0.0.1", "--port", "104",
-            "--role", "modality")
-    at = datetime.now().strftime("%Y-%m-%d %H:%M")
-    rows = ["patient_id,patient_name,birth_date,sex,procedure,modality,station_ae,at"]
-    rows += [f"POOL{n:03d},Sono^Pool{n},1980-02-03,F,US abdomen,US,{MODALITY_AE},{at}" for n in range(POOL)]
-    csv = tmp / "orders.csv"
-    csv.write_text("\n".join(rows) + "\n")
-    r = box.cli("worklist", "import", str(csv), "--by", "desk")
-    assert f"added {POOL} order(s)" in r.stdout, r.stdout + r.stderr
-    box.pool = [{"accession_number": o["accession_number"], "study_instance_uid": o["study_instance_uid"],
-                 "requested_procedure_id": o["requested_procedure_id"],
-                 "step_ids": [s["step_id"] for s in o["steps"]], "patient_id": o["patient_id"],
-                 "patient_name": o["patient_name"]}
-                for o in json.loads(box.cli("worklist", "list", "--date", "all", "--json").stdout)]
-    assert len(box.pool) == POOL and all(len(o["step_ids"]) == 1 for o in box.pool)
-    yield box
-    box.stop()
+    try:
+        box.cli("devices", "add", "US-ROOM-1", "--ae", MODALITY_AE, "--host", "127.0.0.1", "--port", "104",
+                "--role", "modality")
+        at = datetime.now().strftime("%Y-%m-%d %H:%M")
+        rows = ["patient_id,patient_name,birth_date,sex,procedure,modality,station_ae,at"]
+        rows += [f"POOL{n:03d},Sono^Pool{n},1980-02-03,F,US abdomen,US,{MODALITY_AE},{at}" for n in range(POOL)]
+        csv = tmp / "orders.csv"
+        csv.write_text("\n".join(rows) + "\n")
+        r = box.cli("worklist", "import", str(csv), "--by", "desk")
+        assert f"added {POOL} order(s)" in r.stdout, r.stdout + r.stderr
+        box.pool = [{"accession_number": o["accession_number"], "study_instance_uid": o["study_instance_uid"],
+                     "requested_procedure_id": o["requested_procedure_id"],
+                     "step_ids": [s["step_id"] for s in o["steps"]], "patient_id": o["patient_id"],
+                     "patient_name": o["patient_name"]}
+                    for o in json.loads(box.cli("worklist", "list", "--date", "all", "--json").stdout)]
+        assert len(box.pool) == POOL and all(len(o["step_ids"]) == 1 for o in box.pool)
+        yield box
+    finally:
+        box.stop()
 
 
 def add_order(box: ClinicBox) -> dict:
     """A new scheduled order (one US step on our modality, now) for a patient of its own."""
+    assert box.pool, "order pool used up: raise POOL"
     return box.pool.pop()
 
 

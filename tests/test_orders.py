@@ -282,3 +282,15 @@ def test_compiled_answers_are_byte_identical_to_pydicom_encoded_answers(book, ch
     compiled = list(book.worklist(query, charset=charset, implicit=implicit))
     assert len(compiled) == 2
     assert compiled == [encode(ds, implicit, True, False) for ds in datasets]
+
+
+def test_mpps_with_a_step_id_the_order_does_not_have_still_moves_the_order(book):
+    added = book.add(_order(), who="desk")
+    uid = pydicom.uid.generate_uid()
+    ds = _mpps(added)
+    ds.ScheduledStepAttributesSequence[0].ScheduledProcedureStepID = "MODALITY-OWN-7"
+    book.mpps_create(uid, ds, "US1")
+    book.mpps_set(uid, _final("COMPLETED"), "US1")
+    order = book.order(added.accession_number)
+    assert order["status"] == "COMPLETED" and order["steps"][0]["status"] == "COMPLETED"
+    assert _find(book) == []

@@ -35,18 +35,23 @@ MODALITY_AE, VIEWER_AE = "CT_ROOM1", "READING1"
 def box(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("workflow")
     box = ClinicBox(tmp / "data").start()
-    box.cli("devices", "add", "CT-ROOM-1", "--ae", MODALITY_AE, "--host", "127.0.0.1", "--port", "104",
-            "--role", "modality")
-    box.cli("devices", "add", "READING-1", "--ae", VIEWER_AE, "--host", "127.0.0.1", "--port", "104")
-    box.tmp = tmp
-    yield box
-    box.stop()
+    try:
+        box.cli("devices", "add", "CT-ROOM-1", "--ae", MODALITY_AE, "--host", "127.0.0.1", "--port", "104",
+                "--role", "modality")
+        box.cli("devices", "add", "READING-1", "--ae", VIEWER_AE, "--host", "127.0.0.1", "--port", "104")
+        box.tmp = tmp
+        yield box
+    finally:
+        box.stop()
+
+
+TODAY = datetime.now().strftime("%Y-%m-%d")  # orders and worklist queries agree on the day, even at midnight
 
 
 def add_order(box: ClinicBox, patient_id: str, patient_name: str) -> dict:
     r = box.cli("worklist", "add", "--patient-id", patient_id, "--patient-name", patient_name,
                 "--birth-date", "1975-06-30", "--sex", "M", "--modality", "CT", "--station-ae", "CT-ROOM-1",
-                "--procedure", "CT chest", "--by", "desk.anna", "--json")
+                "--at", f"{TODAY} 08:00", "--procedure", "CT chest", "--by", "desk.anna", "--json")
     return json.loads(r.stdout)
 
 
@@ -72,7 +77,7 @@ def modality_worklist(box: ClinicBox, out: Path) -> list[Dataset]:
         "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyInstanceUID",
         "RequestedProcedureID", "RequestedProcedureDescription", f"{sps}Modality=CT",
         f"{sps}ScheduledStationAETitle={MODALITY_AE}",
-        f"{sps}ScheduledProcedureStepStartDate={datetime.now():%Y%m%d}", f"{sps}ScheduledProcedureStepStartTime",
+        f"{sps}ScheduledProcedureStepStartDate={TODAY.replace('-', '')}", f"{sps}ScheduledProcedureStepStartTime",
         f"{sps}ScheduledProcedureStepID", f"{sps}ScheduledProcedureStepDescription",
         f"{sps}ScheduledProcedureStepStatus"], out)
 

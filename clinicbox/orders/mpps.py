@@ -92,7 +92,6 @@ def _link(conn: sqlite3.Connection, scheduled: list[Dataset]) -> tuple[int | Non
         accession = _text(item, "AccessionNumber").strip()
         study_uid = _text(item, "StudyInstanceUID").strip()
         rp_id = _text(item, "RequestedProcedureID").strip()
-        sps_id = _text(item, "ScheduledProcedureStepID").strip()
         row = None
         if accession:
             row = conn.execute("SELECT id FROM orders WHERE accession_number=?", (accession,)).fetchone()
@@ -111,8 +110,12 @@ def _link(conn: sqlite3.Connection, scheduled: list[Dataset]) -> tuple[int | Non
                                  (row["id"], sid)).fetchone()
                 if s:
                     steps.append(s["id"])
-        if not steps and not sps_id:
-            steps = [r["id"] for r in conn.execute("SELECT id FROM procedure_steps WHERE order_pk=?", (row["id"],))]
+        if not steps:
+            # no step named, or a step ID the order does not have (a modality that invents its own):
+            # the performed step is the order's, so it moves the order's active steps
+            steps = [r["id"] for r in conn.execute(
+                f"SELECT id FROM procedure_steps WHERE order_pk=? AND status IN ({','.join('?' * len(ACTIVE))})",
+                (row["id"], *ACTIVE))]
         return row["id"], steps
     return None, []
 
