@@ -116,6 +116,7 @@ def test_worklist_matching_rules_in_sql(book):
     assert ids(_find(book, ScheduledProcedureStepStartDate="20261124-")) == ["P3"]
     assert ids(_find(book, ScheduledProcedureStepStartDate="-20261123")) == ["P1", "P2"]
     assert ids(_find(book, ScheduledProcedureStepStartTime="0800-1000")) == ["P1", "P3"]
+    assert ids(_find(book, ScheduledProcedureStepStartTime="0930")) == ["P1"]  # stored 093000
     # combined: from the 23rd 12:00 to the 24th 09:00
     assert ids(_find(book, ScheduledProcedureStepStartDate="20261123-20261124",
                      ScheduledProcedureStepStartTime="1200-0900")) == ["P2", "P3"]

@@ -96,6 +96,11 @@ P009,CANCEL^ME,,,,,ACC009,,Bitewing,,,,IO,IO_ROOM,,2030-05-13 09:00,,,,
 P010,KEEP^NAME,,,,,ACC010,,Follow-up,,,,MG,MG_ROOM,,2030-05-14 09:00,,,,
 P013,DONE^SOON,,,,,ACC013,,Angio,,,,XA,XA_ROOM,,2030-05-15 09:00,,,,
 """
+# One order of 12 steps whose answers are ~7 KB each (100 medical alerts): answers larger than a
+# small PDU, and more of them than one 64 KB batch of answers.
+BIG_ALERTS = [f"ALERT {n:03d} " + "X" * 50 for n in range(100)]
+CSV += "".join(f"P050,BIG^ALERTS,,,{';'.join(BIG_ALERTS)},,ACC050,,Big,,,,OT,OT_ROOM,,2030-08-01 15:{2 * n:02d}"
+               ",,,,\n" for n in range(12))
 
 # What a spreadsheet writes: Windows-1252, no BOM.
 CSV_CP1252 = """\
@@ -122,13 +127,15 @@ class Worklist:
             subprocess.run([dcmtk("dump2dcm"), str(dump), str(dcm)], check=True, capture_output=True)
             self.queries[name] = dcm
 
-    def find(self, *keys: str, aet: str = "MWLSCU", query: str = "full", expect_rc: int | None = 0):
+    def find(self, *keys: str, aet: str = "MWLSCU", query: str = "full", expect_rc: int | None = 0,
+             findscu_options: tuple[str, ...] = ()):
         """Answers (pydicom datasets, in arrival order) and the findscu run; ``keys`` are -k overrides."""
         out = self.tmp / f"rsp-{next(self._n)}"
         out.mkdir()
-        r = subprocess.run([self.findscu, "-W", "-v", "-aet", aet, "-aec", "CLINICBOX", "-to", "10", "-X",
-                            "-od", str(out), "127.0.0.1", str(self.box.port), str(self.queries[query]),
-                            *[a for k in keys for a in ("-k", k)]], capture_output=True, text=True, timeout=60)
+        r = subprocess.run([self.findscu, "-W", "-v", *findscu_options, "-aet", aet, "-aec", "CLINICBOX",
+                            "-to", "10", "-X", "-od", str(out), "127.0.0.1", str(self.box.port),
+                            str(self.queries[query]), *[a for k in keys for a in ("-k", k)]],
+                           capture_output=True, text=True, timeout=60, check=False)
         if expect_rc is not None:
             assert r.returncode == expect_rc, r.stdout + r.stderr
         return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))], r
@@ -209,7 +216,7 @@ def test_csv_import_reports_bad_rows_by_number_and_keeps_the_good_ones(wl):
     r = wl.import_run
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == "added 10 order(s) with 11 step(s); 4 refused", r.stdout
+    assert lines[0] == "added 11 order(s) with 23 step(s); 4 refused", r.stdout
     refused = {line.strip().split(":", 1)[0]: line.strip() for line in lines[1:]}
     assert set(refused) == {"row 8", "row 9", "row 10", "row 11"}, r.stdout
     assert refused["row 8"].startswith("row 8: patient_name: is required")
@@ -358,7 +365,10 @@ def test_patient_name_wildcards_are_case_insensitive(wl):
     assert wl.steps("PatientName=DOE*") == doe
     assert wl.steps("PatientName=doe*") == doe
     assert wl.steps("PatientName=Do*", sps("Modality=US")) == [("ACC001", "SPS001")]
-    names = lambda *k: sorted(str(a.PatientName) for a in wl.find(*k)[0])  # noqa: E731
+
+    def names(*keys):
+        return sorted(str(a.PatientName) for a in wl.find(*keys)[0])
+
     assert names("PatientName=?OE*") == ["DOE^JANE", "DOE^JOHN", "MOE^MAX", "POE^EDGAR", "POE^EDGAR", "ROE^RICHARD"]
     assert names("PatientName=?oe^*") == names("PatientName=?OE*")
     assert names("PatientName=DOE^J?HN") == ["DOE^JOHN"]
@@ -384,6 +394,16 @@ def test_unsupported_key_with_a_value_is_matched_universally_with_a_warning(wl):
     assert len(pending) == 2 and all("WarningUnsupportedOptionalKeys" in line for line in pending), r.stderr
     answers, r = wl.find(sps("Modality=OP"))
     assert "WarningUnsupportedOptionalKeys" not in r.stderr and len(answers) == 2
+
+
+def test_value_inside_a_code_sequence_item_is_an_unsupported_key_too(wl):
+    """A protocol code asked for is not matched: the modality must be warned (0xFF01), as for other keys."""
+    answers, r = wl.find(sps("ScheduledProtocolCodeSequence[0].CodeValue=NOSUCHCODE"), sps("Modality=OP"))
+    assert sorted(str(a.AccessionNumber) for a in answers) == ["ACC006", "ACC007"]  # matched universally
+    pending = [line for line in r.stderr.splitlines() if "Received Find Response" in line and "Final" not in line]
+    assert len(pending) == 2
+    assert all("WarningUnsupportedOptionalKeys" in line for line in pending), \
+        "a key with a value inside a sequence item was ignored without the 0xFF01 warning:\n" + "\n".join(pending)
 
 
 # --- what the answers hold -----------------------------------------------------------------------------
@@ -437,6 +457,22 @@ def test_answers_hold_exactly_the_requested_keys_with_our_values(wl):
         assert kw in bstep and bstep[kw].is_empty, kw
 
 
+@pytest.mark.parametrize("options", [("-xi",), ("-pdu", "4096"), ("-xi", "-pdu", "4096")],
+                         ids=["implicit-vr", "pdu-4096", "implicit-vr-pdu-4096"])
+def test_big_answers_in_implicit_vr_and_small_pdus(wl, options):
+    """Answers larger than the modality's PDU, 86 KB of them, in the syntax it proposed: same answers."""
+    reference, _ = wl.find("AccessionNumber=ACC050")
+    answers, _ = wl.find("AccessionNumber=ACC050", findscu_options=options)
+    assert len(reference) == len(answers) == 12
+    assert sum(len(a.MedicalAlerts) for a in answers) == 1200
+    assert list(answers[0].MedicalAlerts) == BIG_ALERTS
+    implicit = "-xi" in options
+    for ours, ref in zip(answers, reference):
+        assert ours.file_meta.TransferSyntaxUID == ("1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1")
+        assert [(e.tag, e.value) for e in ours.iterall()] == [(e.tag, e.value) for e in ref.iterall()]
+    assert [a[SPS][0].ScheduledProcedureStepID for a in answers] == [f"ACC050-{n}" for n in range(1, 13)]
+
+
 def test_type1_keys_are_never_empty_and_every_answer_names_its_charset(wl):
     answers, _ = wl.find()
     assert len(answers) >= 11
@@ -484,8 +520,8 @@ def test_non_ascii_names_in_the_device_charset(wl, aet, asked, charset):
         assert german.original_string == "Müller^Jürgen".encode("latin-1")
         assert str(polish) == "Wróbel^Lukasz" and str(german) == "Müller^Jürgen"
     else:
-        assert polish.original_string == "Wróbel^Łukasz".encode("utf-8")
-        assert german.original_string == "Müller^Jürgen".encode("utf-8")
+        assert polish.original_string == "Wróbel^Łukasz".encode()
+        assert german.original_string == "Müller^Jürgen".encode()
         assert str(polish) == "Wróbel^Łukasz"
 
 

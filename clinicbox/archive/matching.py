@@ -124,6 +124,8 @@ def condition(keyword: str, value, *, case_insensitive_names: bool = False,
     v = values[0]
     if field.vr in _RANGE_VRS and "-" in v:
         return _range(col, v)
+    if field.vr == "TM":
+        return _range(col, f"{v}-{v}")  # "0800" stands for all of 08:00 (080000 … 080059.999)
     fold = case_insensitive_names and field.vr == "PN"
     if field.vr in _WILDCARD_VRS and ("*" in v or "?" in v):
         if fold:

@@ -81,24 +81,33 @@ def _value(elem: DataElement):
     return "" if v is None else str(v)
 
 
+def _is_private_creator(tag) -> bool:
+    return tag.group % 2 == 1 and 0x0010 <= tag.element <= 0x00FF
+
+
 def read_query(identifier: Dataset) -> WorklistQuery:
     match, unsupported = {}, []
 
-    def take(ds: Dataset, scope: str) -> None:
+    def take(ds: Dataset, scope: str, path: str = "") -> None:
         for elem in ds:
             kw = elem.keyword
-            if elem.VR == "SQ" or kw in ("SpecificCharacterSet", ""):
+            if kw == "SpecificCharacterSet" or _is_private_creator(elem.tag):
+                continue
+            if elem.VR == "SQ":
+                if not (scope == "MWL" and kw == SPS):
+                    for item in elem.value or []:  # values inside other sequences cannot be matched
+                        take(item, "nested", f"{path}{kw or elem.tag}>")
                 continue
             value = _value(elem)
-            if kw in FIELDS and FIELDS[kw].level == scope:
+            if kw and kw in FIELDS and FIELDS[kw].level == scope:
                 match[kw] = value
             elif value not in ("", [], "*"):
-                unsupported.append(kw or str(elem.tag))
+                unsupported.append(f"{path}{kw or elem.tag}")
 
     take(identifier, "MWL")
     seq = identifier[SPS] if SPS in identifier else None
     if seq is not None and seq.VR == "SQ" and seq.value:
-        take(seq.value[0], "SPS")
+        take(seq.value[0], "SPS", f"{SPS}>")
     return WorklistQuery(match, unsupported, identifier)
 
 
@@ -213,7 +222,7 @@ def _fill(template: Dataset, values: dict, charset: str, nested: dict | None = N
                                  and len(item_template) else _all(item_values, charset))
             out.add(DataElement(elem.tag, "SQ", Sequence(items)))
             continue
-        value = values.get(kw, "")
+        value = str(elem.value or "") if _is_private_creator(elem.tag) else values.get(kw, "")
         out.add(DataElement(elem.tag, elem.VR, _encode_text(value, elem.VR, charset)))
     return out
 
@@ -266,6 +275,8 @@ class AnswerPlan:
             if tag == 0x00080005:
                 continue
             kw = keyword_for_tag(elem.tag)
+            if _is_private_creator(elem.tag):
+                kw = ("echo", str(elem.value or ""))  # a private block's creator is returned as asked
             sub = None
             if elem.VR == "SQ" and elem.value and len(elem.value[0]):
                 sub = self._compile(elem.value[0], top=False)
@@ -294,7 +305,7 @@ class AnswerPlan:
                     body = b"".join(self._item(sub, v) for v in (values.get(kw) or []))
                 out.append(encode.header(tag, "SQ", len(body), self.implicit) + body)
                 continue
-            value = values.get(kw, "")
+            value = kw[1] if isinstance(kw, tuple) else values.get(kw, "")
             text = "\\".join(value) if isinstance(value, list) else str(value)
             if latin and vr in encode.TEXT_VRS:
                 text = to_latin1(text)
