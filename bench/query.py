@@ -13,7 +13,8 @@ What it does (see bench/README.md for more):
   (DCMTK ``storescu``), both into a cache folder (``--cache``) so the next run skips the build;
 * starts ClinicBox (``clinicbox serve``, ``query.allow_from = "any"``, bind 127.0.0.1) and Orthanc
   (``TCP_NODELAY=1``) on free loopback ports, and from this one process, over ONE association per
-  server, sends the same ``--queries`` study-root C-FINDs of each kind to both (alternating):
+  server (``--client raw``: message framing only, answers decoded after the clock stops; or
+  ``--client pynetdicom``), sends the same ``--queries`` study-root C-FINDs of each kind to both (alternating):
   study level by PatientName wildcard, by StudyDate range and by PatientID, series level by
   StudyInstanceUID; latency = send until the final response; checks both give the same matches;
 * starts DCMTK ``storescp +B`` (``TCP_NODELAY=1``) as AE STORESCP and C-MOVEs the
@@ -458,7 +459,52 @@ def associate(port: int, aet: str):
     return assoc
 
 
+class RawFind:
+    """A C-FIND SCU that only frames messages (clinicbox.dicom.scu.Scu) and decodes the answers after
+    the clock stops: what is measured is the server, not a Python client decoding every answer."""
+
+    def __init__(self, port: int, aet: str) -> None:
+        from clinicbox.dicom.scu import Scu
+
+        self.scu = Scu("127.0.0.1", port, SCU_AET, aet, timeout=300)
+        self.scu.associate([(str(StudyRootQueryRetrieveInformationModelFind),
+                             ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])])
+        if not self.scu.accepted:
+            raise RuntimeError(f"{aet} accepted no C-FIND context")
+        self.cx = self.scu.accepted[0]
+        self.implicit = self.cx.transfer_syntax == "1.2.840.10008.1.2"
+        self.msg_id = 0
+
+    def find(self, ds: Dataset) -> tuple[float, list[Dataset], int]:
+        from io import BytesIO
+
+        from pynetdicom.dsutils import decode, encode
+
+        from clinicbox.dicom.scu import command_value, find_command
+
+        data = encode(ds, self.implicit, True)
+        self.msg_id = self.msg_id % 65535 + 1
+        command = find_command(str(StudyRootQueryRetrieveInformationModelFind), self.msg_id)
+        raw = []
+        t0 = time.perf_counter()
+        self.scu.send_message(self.cx.context_id, command, data)
+        while True:
+            cmd, body = self.scu.read_message()
+            status = command_value(cmd, 0x0900)
+            if status in (0xFF00, 0xFF01):
+                raw.append(body)
+                continue
+            break
+        dt = time.perf_counter() - t0
+        return dt, [decode(BytesIO(b), self.implicit, True) for b in raw], status
+
+    def release(self) -> None:
+        self.scu.release()
+
+
 def c_find(assoc, ds: Dataset) -> tuple[float, list[Dataset], int]:
+    if isinstance(assoc, RawFind):
+        return assoc.find(ds)
     answers = []
     status_final = None
     t0 = time.perf_counter()
@@ -656,6 +702,9 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the run folder (logs, storescp output)")
     ap.add_argument("--profile", action="store_true",
                     help="afterwards run the query loop again under py-spy (ClinicBox) and print SQL plans")
+    ap.add_argument("--client", choices=("raw", "pynetdicom"), default="raw",
+                    help="C-FIND client: raw (frames messages only, decodes after the clock stops: measures the "
+                         "servers) or pynetdicom (its SCU, ~1 ms of client work per answer on both sides)")
     ap.add_argument("--client-tuning", action="store_true",
                     help="apply clinicbox.dicom.tuning.install() to this process's pynetdicom client too "
                          "(event waits instead of 1 ms polling: lowers the client floor for both servers)")
@@ -667,7 +716,7 @@ def main() -> int:
     print(f"ClinicBox query/retrieve benchmark ({env['clinicbox_git']}; pynetdicom {env['pynetdicom']} client, "
           f"{env['orthanc']}; {env['cpus']} CPUs)")
 
-    client = "stock pynetdicom"
+    client = "stock pynetdicom" if args.client == "pynetdicom" else "raw (clinicbox.dicom.scu.Scu framing only)"
     if args.client_tuning:
         from clinicbox.dicom import tuning
         tuning.install()
@@ -722,9 +771,11 @@ def main() -> int:
               f"storescp pid {scp.pid} port {scp_port}")
 
         assocs = {"ClinicBox": associate(box.port, "CLINICBOX"), "Orthanc": associate(orthanc.port, "ORTHANC")}
+        finders = assocs if args.client == "pynetdicom" else {
+            "ClinicBox": RawFind(box.port, "CLINICBOX"), "Orthanc": RawFind(orthanc.port, "ORTHANC")}
         queries = make_queries(plan, args.queries)
         t0 = time.perf_counter()
-        results, qwarn = run_queries(assocs, queries, plan, args.warmup)
+        results, qwarn = run_queries(finders, queries, plan, args.warmup)
         warnings += qwarn
         print(f"queries: {args.queries} per kind and server, one association each, alternating servers "
               f"({time.perf_counter() - t0:.0f} s)")
@@ -749,9 +800,12 @@ def main() -> int:
         if args.profile:
             print("profiling ClinicBox during a second (untimed) query loop ...", flush=True)
             prof_dir = RESULTS_DIR / f"query-profile-{started:%Y%m%d-%H%M%S}"
-            profile = profile_queries(box.proc.pid, assocs["ClinicBox"], queries, prof_dir)
+            profile = profile_queries(box.proc.pid, finders["ClinicBox"], queries, prof_dir)
         for assoc in assocs.values():
             assoc.release()
+        if finders is not assocs:
+            for finder in finders.values():
+                finder.release()
         if args.profile:
             plans = query_plans(cb_data / "index.sqlite3", queries)
     except KeyboardInterrupt:
@@ -857,7 +911,7 @@ def main() -> int:
         "started": started.isoformat(timespec="seconds"), "args": {k: str(v) for k, v in vars(args).items()},
         "environment": env, "build": info, "build_or_reuse_s": build_s,
         "archive": {"instances": plan["total"], "studies": len(plan["studies"]), "patients": n_patients},
-        "client": f"{client} SCU in this process, one association per server, TCP_NODELAY set, study root",
+        "client": f"{client} C-FIND SCU in this process, one association per server, TCP_NODELAY set, study root",
         "queries": queries, "latency": results, "summary": summ, "moves": moves, "move_summary": move_summary,
         "ratios": ratios, "verdicts": [{"target": t, "met": ok} for t, ok in verdicts],
         "warnings": warnings, "profile": profile, "plans": plans, "all_targets_met": all_met,
