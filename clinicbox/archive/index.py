@@ -363,12 +363,24 @@ class Index:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._owners: dict[threading.Thread, sqlite3.Connection] = {}
+        self._free: list[sqlite3.Connection] = []
 
     @property
     def conn(self) -> sqlite3.Connection:
+        """This thread's read connection; one of an ended thread's is reused (each DICOM association
+        runs in a new thread: a fresh connection costs its schema read and statement cache)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = connect(self.path)
+            with self._lock:
+                for thread, owned in list(self._owners.items()):
+                    if not thread.is_alive():
+                        del self._owners[thread]
+                        self._free.append(owned)
+                conn = self._free.pop() if self._free else connect(self.path)
+                self._owners[threading.current_thread()] = conn
+            self._local.conn = conn
         return conn
 
     def instance(self, sop_instance_uid: str) -> sqlite3.Row | None:
@@ -415,7 +427,11 @@ class Index:
         return dict(row) if row else None
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
+        """Close every read connection (at shutdown, when no other thread reads any more)."""
+        with self._lock:
+            conns = [*self._owners.values(), *self._free]
+            self._owners.clear()
+            self._free.clear()
+        for conn in conns:
             conn.close()
-            self._local.conn = None
+        self._local = threading.local()

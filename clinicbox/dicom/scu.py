@@ -1,4 +1,4 @@
-"""A synchronous Storage SCU on one socket: associate, send stored objects, release.
+"""A synchronous SCU on one socket: associate, send stored objects (or any DIMSE message), release.
 
 C-MOVE sub-operations used pynetdicom's requestor association: per image a DIMSE message built by
 pydicom, a hand-off to the DUL thread, the reactor paused and resumed, and responses noticed by
@@ -13,6 +13,7 @@ One operation at a time, as the default (no asynchronous operations window) requ
 from __future__ import annotations
 
 import io
+from collections import deque
 import logging
 import socket
 import struct
@@ -75,18 +76,28 @@ def store_command(sop_class: str, sop_instance: str, message_id: int, move_origi
     return struct.pack("<HHII", 0, 0, 4, len(body)) + body
 
 
-def command_status(command: bytes) -> int | None:
-    """The Status (0000,0900) of an implicit VR command set."""
+def command_value(command: bytes, element: int) -> int | None:
+    """The US value of element (0000,``element``) of an implicit VR command set, e.g. 0x0900 Status."""
     pos = 0
     while pos + 8 <= len(command):
         group, elem, length = struct.unpack_from("<HHI", command, pos)
-        if (group, elem) == (0, 0x0900) and length == 2:
+        if (group, elem) == (0, element) and length == 2:
             return struct.unpack_from("<H", command, pos + 8)[0]
         pos += 8 + length
     return None
 
 
-class StoreSCU:
+def find_command(sop_class: str, message_id: int) -> bytes:
+    """A C-FIND-RQ command set (an identifier follows)."""
+    body = (_element(0x00000002, sop_class.encode())
+            + _US.pack(0, 0x0100, 2, 0x0020)
+            + _US.pack(0, 0x0110, 2, message_id & 0xFFFF)
+            + _US.pack(0, 0x0700, 2, 0x0000)
+            + _US.pack(0, 0x0800, 2, 0x0001))
+    return struct.pack("<HHII", 0, 0, 4, len(body)) + body
+
+
+class Scu:
     def __init__(self, host: str, port: int, calling_ae: str, called_ae: str, timeout: float = 30.0) -> None:
         self.host, self.port = host, port
         self.calling_ae, self.called_ae = calling_ae, called_ae
@@ -95,6 +106,7 @@ class StoreSCU:
         self.accepted: list[Accepted] = []
         self.peer_max_pdu = 0
         self._message_id = 0
+        self._pdvs: deque = deque()
 
     # --- association -------------------------------------------------------------------------
 
@@ -224,28 +236,43 @@ class StoreSCU:
                 return
             chunk = nxt
 
-    def _read_response(self) -> int:
-        """Read PDUs until a complete command set arrives; return its Status."""
-        command = bytearray()
+    def read_message(self) -> tuple[bytes, bytes | None]:
+        """The next DIMSE message from the peer: (command set, data set or None)."""
+        command, data = bytearray(), bytearray()
         while True:
-            kind, body = self._read_pdu()
-            if kind == 0x07:
-                raise ScuError("the destination aborted the association")
-            if kind != 0x04:
-                raise ScuError(f"unexpected PDU type {kind:#x} from the destination")
-            pos = 0
-            while pos + 6 <= len(body):
-                length = struct.unpack_from(">I", body, pos)[0]
-                header = body[pos + 5]
-                data = body[pos + 6:pos + 4 + length]
-                pos += 4 + length
-                if header & 0x01:
-                    command += data
-                    if header & 0x02:
-                        status = command_status(bytes(command))
-                        if status is None:
-                            raise ScuError("C-STORE response without a status")
-                        return status
+            if not self._pdvs:
+                kind, body = self._read_pdu()
+                if kind == 0x07:
+                    raise ScuError("the peer aborted the association")
+                if kind != 0x04:
+                    raise ScuError(f"unexpected PDU type {kind:#x} from the peer")
+                pos = 0
+                while pos + 6 <= len(body):  # a PDU may carry several PDVs, even of two messages
+                    length = struct.unpack_from(">I", body, pos)[0]
+                    self._pdvs.append((body[pos + 5], body[pos + 6:pos + 4 + length]))
+                    pos += 4 + length
+                continue
+            header, fragment = self._pdvs.popleft()
+            if header & 0x01:
+                command += fragment
+                if header & 0x02 and command_value(bytes(command), 0x0800) == 0x0101:
+                    return bytes(command), None
+            else:
+                data += fragment
+                if header & 0x02:
+                    return bytes(command), bytes(data)
+
+    def send_message(self, context_id: int, command: bytes, data: bytes | None = None) -> None:
+        self._send_pdvs(context_id, command, True)
+        if data is not None:
+            self._send_pdvs(context_id, data, False)
+
+    def _read_response(self) -> int:
+        command, _data = self.read_message()
+        status = command_value(command, 0x0900)
+        if status is None:
+            raise ScuError("response without a status")
+        return status
 
     # --- storing -----------------------------------------------------------------------------
 
@@ -276,6 +303,9 @@ class StoreSCU:
             if isinstance(exc, (FileNotFoundError, PermissionError)):
                 raise
             raise ScuError(f"connection to the destination lost: {exc}") from None
+
+
+StoreSCU = Scu
 
 
 def _converted(path: Path, syntax: str) -> bytes:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterator
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
@@ -112,8 +113,10 @@ def read_query(identifier: Dataset) -> WorklistQuery:
 
 
 def _where(query: WorklistQuery, case_insensitive_names: bool, station_filter: str | None) -> tuple[str, list]:
-    parts = [f"ps.status IN ({','.join('?' * len(ACTIVE))})"]
-    params: list = list(ACTIVE)
+    # literal, not bound: SQLite uses the partial index procedure_steps_active only for the exact
+    # expression it was created with (a bound IN (?,?) scans every step ever scheduled)
+    parts = ["ps.status IN ('SCHEDULED', 'IN PROGRESS')"]
+    params: list = []
     m = dict(query.match)
     date = str(m.get("ScheduledProcedureStepStartDate") or "").strip()
     time = str(m.get("ScheduledProcedureStepStartTime") or "").strip()
@@ -255,6 +258,12 @@ def answer(row, identifier: Dataset, charset: str) -> Dataset:
 
 
 
+@lru_cache(maxsize=None)
+def _tag_vr(keyword: str) -> tuple[int, str]:
+    tag = tag_for_keyword(keyword)
+    return tag, dictionary_VR(tag)
+
+
 class AnswerPlan:
     """The requested keys of one identifier, compiled once and written per step without pydicom.
 
@@ -289,10 +298,10 @@ class AnswerPlan:
         return self._encode(self.entries, top, sps)
 
     def _item(self, sub, values: dict) -> bytes:
-        if sub is not None:
-            return encode.item(self._encode(sub, values, None))
-        ds = _all({k: v for k, v in values.items() if v not in ("", [])}, self.charset)
-        return encode.item(encode.encode_dataset(ds, self.implicit, [self.codec]))
+        if sub is None:  # an empty item (or none) asks for everything we have
+            sub = sorted((_tag_vr(k) + (k, None) for k, v in values.items() if v not in ("", [])),
+                         key=lambda e: e[0])
+        return encode.item(self._encode(sub, values, None))
 
     def _encode(self, entries: list, values: dict, sps: dict | None) -> bytes:
         out = []
