@@ -78,3 +78,51 @@ def test_pdus_respect_the_peers_maximum_and_reassemble():
     assert body == data
     [whole] = pdus(1, b"abcd", True, 0)  # 0: the peer sets no limit
     assert whole[11] == 0x03  # command, last fragment
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+@pytest.mark.parametrize("asked", [[], ["ISO_IR 100"], ["ISO_IR 192"], ["ISO 2022 IR 6", "ISO 2022 IR 87"]])
+def test_qr_answers_from_rows_match_the_data_set_path(tmp_path, implicit, asked):
+    import pydicom
+
+    from clinicbox.archive.ingest import Archive
+    from clinicbox.archive.query import QueryOptions, answer_charset, find
+    from clinicbox.core.config import StorageSettings
+    from tests.support.synth import ORG_ROOT, ct_dataset
+
+    archive = Archive(StorageSettings(data_dir=str(tmp_path / "data")))
+    archive.open()
+    try:
+        for n, (pid, name) in enumerate([("A1", "DOE^JOHN"), ("A2", "Müller^Jürgen"), ("A3", "Wróbel^Łukasz")]):
+            study = pydicom.uid.generate_uid(prefix=ORG_ROOT)
+            for s in range(2):
+                ds = ct_dataset(study, pydicom.uid.generate_uid(prefix=ORG_ROOT), n + 1, rows=4, cols=4,
+                                patient_id=pid, patient_name=name)
+                ds.SpecificCharacterSet = "ISO_IR 192"
+                ds.Modality = ("CT", "MR")[s]
+                ds.StudyDescription = "Étude" if n else "Plain"
+                path = tmp_path / f"{n}-{s}.dcm"
+                ds.save_as(path, enforce_file_format=True)
+                archive.store_file(path)
+        study_keys = ["PatientName", "PatientID", "StudyDate", "StudyDescription", "ModalitiesInStudy",
+                      "SOPClassesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
+                      "StudyInstanceUID", "AccessionNumber"]
+        cases = [("PATIENT", "PATIENT", {"PatientID": ""}, ["PatientName", "PatientID", "NumberOfPatientRelatedStudies"]),
+                 ("STUDY", "STUDY", {"PatientName": "*"}, study_keys),
+                 ("STUDY", "SERIES", {"StudyInstanceUID": ""}, ["Modality", "SeriesNumber", "SeriesInstanceUID",
+                                                                "NumberOfSeriesRelatedInstances"])]
+        for model, level, match, keys in cases:
+            if level == "SERIES":
+                match = {"StudyInstanceUID": next(archive.index.conn.execute(
+                    "SELECT study_instance_uid FROM studies WHERE study_instance_uid != '' LIMIT 1"))[0]}
+            datasets = list(find(archive.index, model, level, dict(match), keys, QueryOptions()))
+            for ds in datasets:
+                charset = answer_charset([str(e.value) for e in ds if e.VR in ("PN", "LO", "SH") and e.value], asked)
+                if charset:
+                    ds.SpecificCharacterSet = charset
+            rows = list(find(archive.index, model, level, dict(match), keys, QueryOptions(), implicit=implicit,
+                             asked_charset=asked))
+            assert rows and all(isinstance(r, bytes) for r in rows)
+            assert rows == [encode(ds, implicit, True, False) for ds in datasets], (level, asked)
+    finally:
+        archive.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pynetdicom.sop_class import (
@@ -13,7 +12,7 @@ from pynetdicom.sop_class import (
 )
 
 from clinicbox.archive.ingest import Archive
-from clinicbox.archive.query import QueryOptions, QueryRefused, find, requested_keywords
+from clinicbox.archive.query import QueryOptions, QueryRefused, answer_charset, find, requested_keywords
 from clinicbox.dicom import answers
 from clinicbox.dicom.session import session_of
 
@@ -42,19 +41,8 @@ def read_identifier(identifier: Dataset) -> tuple[str, dict]:
 
 
 def _charset_for(answer: Dataset, asked: list[str]) -> list[str] | str | None:
-    texts = [str(e.value) for e in answer if e.VR in ("PN", "LO", "SH", "ST", "LT", "UT", "UC") and e.value]
-    if all(t.isascii() for t in texts):
-        return asked or None
-    if asked and asked != ["ISO_IR 192"]:
-        try:
-            encodings = convert_encodings(asked)
-            if len(encodings) == 1:
-                for t in texts:
-                    t.encode(encodings[0])
-                return asked
-        except (UnicodeEncodeError, LookupError, ValueError):
-            pass
-    return "ISO_IR 192"
+    return answer_charset([str(e.value) for e in answer if e.VR in ("PN", "LO", "SH", "ST", "LT", "UT", "UC")
+                           and e.value], asked)
 
 
 def handle_find(event, archive: Archive, options: QueryOptions):
@@ -68,14 +56,16 @@ def handle_find(event, archive: Archive, options: QueryOptions):
     count = 0
     stream = answers.open_stream(event)
     try:
-        for answer in find(archive.index, model, level, values, requested, options):
+        for answer in find(archive.index, model, level, values, requested, options,
+                           implicit=stream.implicit if stream is not None else None, asked_charset=asked):
             if event.is_cancelled:
                 log.info("C-FIND from %s cancelled after %d answers", session.who, count)
                 yield CANCEL, None
                 return
-            charset = _charset_for(answer, asked)
-            if charset:
-                answer.SpecificCharacterSet = charset
+            if isinstance(answer, Dataset):
+                charset = _charset_for(answer, asked)
+                if charset:
+                    answer.SpecificCharacterSet = charset
             count += 1
             if stream is None:
                 yield PENDING, answer
