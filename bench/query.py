@@ -502,6 +502,45 @@ class RawFind:
         self.scu.release()
 
 
+def findscu_repeat(port: int, called: str, ds: Dataset, n: int, work: Path) -> list[tuple[float, int]]:
+    """DCMTK ``findscu -S --repeat n`` with ``ds`` on ONE association: (seconds from "Sending Find Request"
+    to "Received Final Find Response" by findscu's own time stamps, answers) per query, the first dropped."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    import re
+
+    from worklist import FINAL_RSP, TIMED_LOG_CFG, _stamped
+
+    pending = re.compile(r"Find Response:? \d+ \(Pending")  # findscu -S logs "Find Response: 1 (Pending)"
+
+    cfg = work / "findscu-timestamps.cfg"
+    cfg.write_text(TIMED_LOG_CFG)
+    query = work / f"query-{called}.dcm"
+    ds = Dataset(ds)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = StudyRootQueryRetrieveInformationModelFind
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(query, enforce_file_format=True)
+    r = subprocess.run(["/usr/bin/findscu", "-S", "-lc", str(cfg), "--repeat", str(n + 1), "-aet", SCU_AET,
+                        "-aec", called, "127.0.0.1", str(port), str(query)], capture_output=True, text=True,
+                       errors="replace", env={**os.environ, "TCP_NODELAY": "1"}, check=False)
+    out, t_send, answers = [], None, 0
+    for t, text in _stamped(r.stdout + r.stderr):
+        if text.startswith("Sending Find Request"):
+            t_send, answers = t, 0
+        elif pending.search(text):
+            answers += 1
+        elif t_send is not None and FINAL_RSP.search(text):
+            out.append((t - t_send, answers))
+            t_send = None
+    if r.returncode or len(out) != n + 1:
+        raise RuntimeError(f"findscu --repeat -aec {called}: exit {r.returncode}, {len(out)} timed: "
+                           f"{(r.stdout + r.stderr)[-600:]}")
+    return out[1:]
+
+
 def c_find(assoc, ds: Dataset) -> tuple[float, list[Dataset], int]:
     if isinstance(assoc, RawFind):
         return assoc.find(ds)
@@ -735,6 +774,7 @@ def main() -> int:
     warnings: list[str] = []
     moves: dict[str, list[dict]] = {"ClinicBox": [], "Orthanc": []}
     profile = plans = None
+    dcmtk_rows: dict = {}
     try:
         t_build = time.perf_counter()
         info = build(cache, plan, key)
@@ -779,6 +819,15 @@ def main() -> int:
         queries = make_queries(plan, args.queries)
         t0 = time.perf_counter()
         results, qwarn = run_queries(finders, queries, plan, args.warmup)
+        # an independent client as a check: DCMTK findscu --repeat, one query per kind, its own time stamps
+        dcmtk_rows = {}
+        for kind in KINDS:
+            ds = identifier(kind, queries[kind][0])
+            got = {name: findscu_repeat(port, aet, ds, 20, work)
+                   for name, port, aet in (("ClinicBox", box.port, "CLINICBOX"), ("Orthanc", orthanc.port, "ORTHANC"))}
+            dcmtk_rows[kind] = {name: {"p50_ms": 1000 * pct([t for t, _a in v], 0.5),
+                                       "p95_ms": 1000 * pct([t for t, _a in v], 0.95),
+                                       "answers": v[0][1]} for name, v in got.items()}
         if not assocs:
             assocs = {"ClinicBox": associate(box.port, "CLINICBOX"), "Orthanc": associate(orthanc.port, "ORTHANC")}
         warnings += qwarn
@@ -854,6 +903,12 @@ def main() -> int:
         verdicts.append((f"{kind}: ClinicBox {r95:.1f}× faster than Orthanc at p95 (p50 {r50:.1f}×), "
                          f"target ≥ {TARGET_VS_ORTHANC:.0f}×", r95 >= TARGET_VS_ORTHANC))
     print("(answers = mean matches per query; ratio = Orthanc latency / ClinicBox latency, > 1 means ClinicBox is faster)")
+    print("\nthe same check with DCMTK findscu --repeat (one association, 20 timed queries of the first value of "
+          "each kind, findscu's own time stamps):")
+    for kind, row in dcmtk_rows.items():
+        c, o = row["ClinicBox"], row["Orthanc"]
+        print(f"  {kind:<24}{c['answers']:>4} answers | ClinicBox {c['p50_ms']:6.1f} / {c['p95_ms']:6.1f} ms | "
+              f"Orthanc {o['p50_ms']:6.1f} / {o['p95_ms']:6.1f} ms | p95 {o['p95_ms'] / c['p95_ms']:5.1f}×")
 
     move_summary = {}
     for name, runs in moves.items():
@@ -917,7 +972,7 @@ def main() -> int:
         "environment": env, "build": info, "build_or_reuse_s": build_s,
         "archive": {"instances": plan["total"], "studies": len(plan["studies"]), "patients": n_patients},
         "client": f"{client} C-FIND SCU in this process, one association per server, TCP_NODELAY set, study root",
-        "queries": queries, "latency": results, "summary": summ, "moves": moves, "move_summary": move_summary,
+        "queries": queries, "latency": results, "summary": summ, "findscu_repeat": dcmtk_rows, "moves": moves, "move_summary": move_summary,
         "ratios": ratios, "verdicts": [{"target": t, "met": ok} for t, ok in verdicts],
         "warnings": warnings, "profile": profile, "plans": plans, "all_targets_met": all_met,
     }, indent=2))

@@ -223,3 +223,28 @@ def test_hostile_character_set_is_stored_not_crashed_on(archive, tmp_path):
     bad = tmp_path / "bad-charset.dcm"
     bad.write_bytes(data)
     assert archive.store_file(bad).outcome is StoreOutcome.STORED
+
+
+def test_dataset_offset_matches_the_parser_even_past_a_long_file_meta(tmp_path):
+    from clinicbox.archive.parse import dataset_offset
+
+    checked = 0
+    for f in TEST_FILES.glob("*.dcm"):
+        try:
+            parsed = parse_file(f)
+        except InvalidObject:
+            continue
+        with open(f, "rb") as fh:
+            assert dataset_offset(fh) == parsed.dataset_offset, f
+        checked += 1
+    assert checked > 30
+    ds = ct_dataset(pydicom.uid.generate_uid(prefix=ORG_ROOT), pydicom.uid.generate_uid(prefix=ORG_ROOT), 1,
+                    rows=4, cols=4)
+    path = tmp_path / "long-meta.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.PrivateInformationCreatorUID = "1.2.3"
+    ds.file_meta.PrivateInformation = b"x" * 6000  # pushes the data set past the first 4 KB read
+    ds.save_as(path, enforce_file_format=True)
+    with open(path, "rb") as fh:
+        assert dataset_offset(fh) == parse_file(path).dataset_offset > 6000

@@ -242,23 +242,27 @@ def _walk_dataset(obj: ParsedObject, buf, start: int, end: int, syntax: str) -> 
 def dataset_offset(fh) -> int:
     """Where the data set starts in an open stored (Part 10) file: after preamble and file meta.
 
-    Reads only the file meta; leaves the file position undefined.
+    Reads the file meta (usually within its first 4 KB); leaves the file position undefined.
     """
     fh.seek(0)
-    head = fh.read(132)
+    head = fh.read(4096)
     if len(head) < 132 or head[128:132] != b"DICM":
         raise InvalidObject("not a DICOM Part 10 file")
     pos = 132
     while True:
-        fh.seek(pos)
-        raw = fh.read(12)
+        if pos + 12 > len(head):
+            fh.seek(pos)
+            head = b"\0" * pos + fh.read(4096)
+        raw = head[pos:pos + 12]
         if len(raw) < 8 or int.from_bytes(raw[0:2], "little") != 0x0002:
             return pos
-        vr = raw[4:6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV", b"SV", b"UV"):
+        if raw[4:6] in _LONG_VRS:
             pos += 12 + int.from_bytes(raw[8:12], "little")
         else:
             pos += 8 + int.from_bytes(raw[6:8], "little")
+
+
+_LONG_VRS = (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV", b"SV", b"UV")
 
 
 def parse_file(path: str | os.PathLike) -> ParsedObject:

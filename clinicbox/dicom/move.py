@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 C_MOVE_RSP = 0x8021
 PENDING, SUCCESS, CANCEL, WARNING = 0xFF00, 0x0000, 0xFE00, 0xB000
 DESTINATION_UNKNOWN, ALL_FAILED, NOT_MATCHING, UNABLE = 0xA801, 0xA702, 0xA900, 0xC000
+PENDING_INTERVAL = 0.05  # seconds between pending responses (each sub-operation's, at most this often)
 
 
 class _Responder:
@@ -124,27 +125,33 @@ def _serve(assoc, req, reply: _Responder, archive: Archive, our_ae_title: str, t
     failed: list[str] = []
     remaining = len(rows)
     lost = None
+    last_pending = 0.0
     try:
         for row in rows:
             if _cancelled(assoc, reply.message_id):
                 log.info("C-MOVE from %s cancelled with %d sub-operations left", session.who, remaining)
                 reply.send(CANCEL, (remaining, completed, len(failed), warning), failed)
                 return
+            if not assoc.is_established:
+                log.warning("C-MOVE from %s: the requester went away with %d sub-operations left",
+                            session.who, remaining)
+                return
             uid = row["sop_instance_uid"]
             path = archive.store.abspath(row["path"])
             status = None
-            readable = row["state"] == "ok" and path.exists()
-            if lost is None and readable:
+            if row["state"] != "ok":
+                log.error("C-MOVE: instance %s has no readable file (%s)", uid, row["state"])
+            elif lost is None:
                 try:
                     status = scu.store(path, row["sop_class_uid"], uid, row["transfer_syntax_uid"],
                                        move_originator=session.calling_ae, move_originator_id=reply.message_id)
+                except FileNotFoundError:
+                    log.error("C-MOVE: instance %s has no readable file (gone from %s)", uid, row["path"])
                 except (OSError, LookupError) as exc:
                     log.error("C-MOVE to %s: instance %s not sent: %s", destination, uid, exc)
                 except ScuError as exc:
                     lost = str(exc)
                     log.error("C-MOVE to %s: %s", destination, exc)
-            elif not readable:
-                log.error("C-MOVE: instance %s has no readable file", uid)
             remaining -= 1
             if status == 0x0000:
                 completed += 1
@@ -154,7 +161,11 @@ def _serve(assoc, req, reply: _Responder, archive: Archive, our_ae_title: str, t
                 if status is not None:
                     log.warning("C-MOVE to %s: instance %s refused with 0x%04X", destination, uid, status)
                 failed.append(uid)
-            if not reply.send(PENDING, (remaining, completed, len(failed), warning)):
+            now = time.monotonic()
+            if remaining and now - last_pending < PENDING_INTERVAL:
+                continue  # pending responses are optional: one every PENDING_INTERVAL tells the progress
+            last_pending = now
+            if remaining and not reply.send(PENDING, (remaining, completed, len(failed), warning)):
                 log.warning("C-MOVE from %s: the requester went away with %d sub-operations left",
                             session.who, remaining)
                 return

@@ -217,10 +217,18 @@ class Scu:
             raise ScuError(f"the destination sent a PDU of {length} bytes (we take {OUR_MAX_PDU})")
         return kind, header + self._recv_exact(length) if kind in (0x02, 0x03) else self._recv_exact(length)
 
+    def _room(self) -> int:
+        """The most data one PDV of ours carries: the peer's limit, and at most READ_CHUNK."""
+        room = (self.peer_max_pdu - 6) if self.peer_max_pdu else READ_CHUNK
+        return max(min(room, READ_CHUNK), 1)
+
+    @staticmethod
+    def _pdu(context_id: int, data: bytes, header: int) -> bytes:
+        return struct.pack(">BBIIBB", 0x04, 0, len(data) + 6, len(data) + 2, context_id, header) + data
+
     def _send_pdvs(self, context_id: int, data, is_command: bool) -> None:
         """Send ``data`` (bytes, or a file positioned at the data set) as PDV fragments."""
-        room = (self.peer_max_pdu - 6) if self.peer_max_pdu else READ_CHUNK
-        room = max(min(room, READ_CHUNK), 1)
+        room = self._room()
         flag = 0x01 if is_command else 0x00
         if isinstance(data, (bytes, bytearray)):
             reader = io.BytesIO(data)
@@ -292,8 +300,14 @@ class Scu:
             if context.transfer_syntax == syntax:
                 with open(path, "rb") as fh:
                     fh.seek(dataset_offset(fh))
-                    self._send_pdvs(context.context_id, command, True)
-                    self._send_pdvs(context.context_id, fh, False)
+                    room = self._room()
+                    data = fh.read(room + 1)
+                    if len(data) <= room:  # the usual small object: command and data set in one send
+                        self.sock.sendall(self._pdu(context.context_id, command, 0x03)
+                                          + self._pdu(context.context_id, data, 0x02))
+                    else:
+                        self._send_pdvs(context.context_id, command, True)
+                        self._send_pdvs(context.context_id, _Chained(data, fh), False)
             else:
                 data = _converted(path, context.transfer_syntax)
                 self._send_pdvs(context.context_id, command, True)
@@ -306,6 +320,20 @@ class Scu:
 
 
 StoreSCU = Scu
+
+
+class _Chained:
+    """Bytes already read from a file, then the rest of the file: one reader for _send_pdvs."""
+
+    def __init__(self, first: bytes, fh) -> None:
+        self._first = io.BytesIO(first)
+        self._fh = fh
+
+    def read(self, n: int) -> bytes:
+        data = self._first.read(n)
+        if len(data) < n:
+            data += self._fh.read(n - len(data))
+        return data
 
 
 def _converted(path: Path, syntax: str) -> bytes:
