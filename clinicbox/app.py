@@ -2,7 +2,7 @@
 
 CLI, systemd and tests all go through :func:`make_appliance`.  Start order: data dir lock ->
 archive (index, migrations, writer) -> orders
-(their migrations; they follow stored images) -> start-up repair -> DICOM service -> READY.  Stop order
+(their migrations) -> start-up repair -> DICOM service -> READY.  Stop order
 is the reverse, so every store that got Success is committed before the process exits.
 """
 
@@ -66,7 +66,6 @@ class Appliance:
         try:
             self.archive.open()
             self.orders.open()
-            self.orders.attach()
             repair(self.archive)
             self.dicom.start()
         except BaseException:

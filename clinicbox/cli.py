@@ -199,9 +199,7 @@ def cmd_serve(args, config: cfg.Config) -> int:
 def cmd_import(args, config: cfg.Config) -> int:
     from clinicbox.archive.importer import import_paths
 
-    book = _open_book(config)
-    book.attach()  # imported images count against their orders, as received ones do
-    archive = book.archive
+    archive = _open_archive(config)
     show = not args.quiet and sys.stderr.isatty()
 
     def progress(n: int, total: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 from pathlib import Path
 
@@ -180,7 +181,6 @@ def test_orthanc_queries_clinicbox(archive):
 
 def test_c_cancel_stops_a_long_answer(tmp_path):
     from pydicom.dataset import Dataset
-    from pynetdicom import AE
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
     from tests.support.synth import ct_dataset
@@ -194,23 +194,34 @@ def test_c_cancel_stops_a_long_answer(tmp_path):
     config.write_text('[query]\nallow_from = "any"\nmax_results = 5000\n')
     with ClinicBox(tmp_path / "data", config=config) as box:
         assert "imported 1200" in box.cli("import", str(folder)).stdout
-        ae = AE(ae_title="CANCELLER")
-        ae.add_requested_context(FIND)
-        assoc = ae.associate("127.0.0.1", box.port, ae_title="CLINICBOX")
+        # A raw client (message framing only) sends the C-CANCEL as soon as the first answer is in.
+        # (pynetdicom drops a C-CANCEL that arrives before the request is being served.)
+        from pynetdicom.dsutils import encode
+
+        from clinicbox.dicom.scu import Scu, command_value, find_command
+
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
         query.StudyInstanceUID = ""
         query.PatientID = ""
+        scu = Scu("127.0.0.1", box.port, "CANCELLER", "CLINICBOX")
+        scu.associate([(str(FIND), ["1.2.840.10008.1.2.1"])])
+        cx = scu.accepted[0]
+        cancel = struct.pack("<HHIH", 0, 0x0100, 2, 0x0FFF) + struct.pack("<HHIH", 0, 0x0120, 2, 7) \
+            + struct.pack("<HHIH", 0, 0x0800, 2, 0x0101)
+        cancel = struct.pack("<HHII", 0, 0, 4, len(cancel)) + cancel
+        scu.send_message(cx.context_id, find_command(str(FIND), 7), encode(query, False, True))
         pending, final = 0, None
-        cx_id = assoc.accepted_contexts[0].context_id
-        for status, _identifier in assoc.send_c_find(query, FIND, msg_id=7):
-            if status.Status in (0xFF00, 0xFF01):
+        while final is None:
+            command, _data = scu.read_message()
+            status = command_value(command, 0x0900)
+            if status in (0xFF00, 0xFF01):
                 pending += 1
                 if pending == 1:
-                    assoc.send_c_cancel(7, cx_id)
+                    scu.send_message(cx.context_id, cancel)
             else:
-                final = status.Status
-        assoc.release()
+                final = status
+        scu.release()
         assert final == 0xFE00, hex(final or 0)
         assert pending < 1200
         assert "cancelled after" in box.log()

@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import struct
 
+import logging
+import time
+
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.dsutils import decode
 
 from clinicbox.archive.encode import encode_dataset
 from clinicbox.dicom import tuning
 
+log = logging.getLogger(__name__)
 _PACK_TAG = struct.Struct("<HH")
 FLUSH_BYTES = 64 * 1024
 
@@ -129,3 +134,53 @@ def open_stream(event) -> AnswerStream | None:
     if max_pdu is None:
         return None
     return AnswerStream(event, ts == ImplicitVRLittleEndian, int(event.context.context_id), max_pdu)
+
+
+class _FindEvent:
+    """What our C-FIND handlers read of a pynetdicom event, for requests served by :func:`serve_find`."""
+
+    def __init__(self, assoc, req, context) -> None:
+        self.assoc = assoc
+        self.request = req
+        self.context = context.as_tuple
+        self._identifier: Dataset | None = None
+
+    @property
+    def identifier(self) -> Dataset:
+        if self._identifier is None:
+            ts = self.context.transfer_syntax
+            req = self.request
+            req.Identifier.seek(0)
+            self._identifier = decode(req.Identifier, ts == ImplicitVRLittleEndian, ts != ExplicitVRBigEndian)
+        return self._identifier
+
+    @property
+    def is_cancelled(self) -> bool:
+        return self.assoc.dimse.cancel_req.pop(int(self.request.MessageID), None) is not None
+
+
+def serve_find(assoc, req, context, handler) -> None:
+    """Answer one C-FIND request completely: ``handler(event)`` streams the pending answers itself
+    (:func:`open_stream`) and yields the final status, which is written here the same way.
+
+    pynetdicom's own service would encode the final response with pydicom and hand it to the DUL
+    thread; nothing of the request's handling is left to it.
+    """
+    event = _FindEvent(assoc, req, context)
+    stream = open_stream(event)
+    if stream is None:  # big endian: pynetdicom's service, as it would have been
+        return tuning.pynetdicom_find(assoc, req, context)
+    status = 0xC000
+    try:
+        for status, answer in handler(event):
+            if status in (0xFF00, 0xFF01):
+                stream.add(status, answer)  # only when a handler could not stream itself
+                continue
+            break
+        stream.flush()
+    except Exception:
+        log.exception("C-FIND from %s failed", event.assoc.requestor.ae_title)
+        status = 0xC000
+    if assoc.is_established:
+        tuning.raw_send(assoc, b"".join(pdus(stream.context_id, command_set(
+            stream.sop_class, 0x8020, stream.message_id, int(status), False), True, stream.max_pdu)))

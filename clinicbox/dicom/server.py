@@ -13,7 +13,7 @@ from pynetdicom.presentation import build_context
 from clinicbox.archive.ingest import Archive
 from clinicbox.archive.query import QueryOptions
 from clinicbox.core.config import QuerySettings, ServerSettings, WorklistSettings
-from clinicbox.dicom import commitment, contexts, find, handlers, move, retrieve, tuning, worklist
+from clinicbox.dicom import answers, commitment, contexts, find, handlers, move, retrieve, tuning, worklist
 from clinicbox.dicom.session import session_of
 from clinicbox.orders.book import OrderBook
 
@@ -55,6 +55,8 @@ class DicomServer:
                           options=QueryOptions(query.case_insensitive_names, query.max_results))
         mwl_find = partial(worklist.handle_worklist_find, book=book, settings=worklist_settings,
                            case_insensitive_names=query.case_insensitive_names)
+        self._find_handlers = {worklist.MWL_FIND: mwl_find}
+        self._qr_find = qr_find
         self.ae: AE | None = None
         self._server = None
         self._supported: dict[str, set[str]] = {}
@@ -70,7 +72,7 @@ class DicomServer:
             (evt.EVT_C_STORE, handlers.handle_store, [archive]),
             (evt.EVT_C_GET, retrieve.handle_get, [archive]),
             (evt.EVT_N_ACTION, commitment.handle_n_action, [archive, settings.ae_title]),
-            (evt.EVT_C_FIND, _by_sop_class, [{worklist.MWL_FIND: mwl_find}, qr_find]),
+            (evt.EVT_C_FIND, _by_sop_class, [self._find_handlers, qr_find]),
             (evt.EVT_N_CREATE, worklist.handle_n_create, [book]),
             (evt.EVT_N_SET, worklist.handle_n_set, [book]),
         ]
@@ -140,11 +142,15 @@ class DicomServer:
 
     # --- event handlers -----------------------------------------------------------------------
 
+    def _serve_find(self, assoc, req, context) -> None:
+        handler = self._find_handlers.get(str(req.AffectedSOPClassUID), self._qr_find)
+        answers.serve_find(assoc, req, context, handler)
+
     def _on_conn_open(self, event) -> None:
         tuning.prepare_association(event.assoc)
-        tuning.route_moves(event.assoc, partial(move.serve_move, archive=self.archive,
-                                                our_ae_title=self.settings.ae_title,
-                                                timeout=self.settings.dimse_timeout))
+        tuning.route(event.assoc, find=self._serve_find,
+                     move=partial(move.serve_move, archive=self.archive, our_ae_title=self.settings.ae_title,
+                                  timeout=self.settings.dimse_timeout))
         tuning.set_nodelay(event.assoc)
         session = session_of(event.assoc)
         session.host, session.port = event.address[0], event.address[1]

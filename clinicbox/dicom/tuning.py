@@ -14,9 +14,11 @@
    its DIMSE message queue.  The 1 ms timeout stays as the upper bound, so timers are checked
    as often as before and an idle association costs no more CPU than stock pynetdicom; short
    spin-sleeps (tried first) cost 8 threads x 20,000 wake-ups a second with 4 senders.
-3. **C-MOVE answered by ClinicBox.**  ``QueryRetrieveServiceClass.SCP`` hands an association's
-   C-MOVE requests to the function set with :func:`route_moves` (``clinicbox.dicom.move``), which
-   answers them completely; C-FIND and C-GET still go to pynetdicom's service.
+3. **C-FIND and C-MOVE answered by ClinicBox.**  ``QueryRetrieveServiceClass.SCP`` and
+   ``BasicWorklistManagementServiceClass.SCP`` hand an association's C-FIND and C-MOVE requests to
+   the functions set with :func:`route` (``clinicbox.dicom.answers.serve_find``,
+   ``clinicbox.dicom.move.serve_move``), which answer them completely; C-GET still goes to
+   pynetdicom's service.
 4. **C-FIND answers in batches.**  :mod:`clinicbox.dicom.answers` writes pending C-FIND
    responses as ready-made P-DATA-TF PDUs straight to the association's socket
    (:func:`raw_send`), many per send, instead of one DIMSE message per answer through the DUL
@@ -39,6 +41,7 @@ import queue
 import select
 import socket
 import struct
+import sys
 import threading
 import time
 import weakref
@@ -52,13 +55,16 @@ from pynetdicom import dul as _dul
 from pynetdicom import dimse as _dimse
 from pynetdicom import service_class as _service_class
 from pynetdicom import transport as _transport
+from pynetdicom.dimse_primitives import C_FIND as _C_FIND
 from pynetdicom.dimse_primitives import C_MOVE as _C_MOVE
 
 _REACTOR_POLL = 0.001     # the reactors' poll sleep; other sleeps (busy waits, kill/abort loops) stay real
 _RECV_CHUNK = 256 * 1024
 
 _original_ntf = _dimse_messages.NamedTemporaryFile
+SWITCH_INTERVAL = 0.001
 _original_qr_scp = _service_class.QueryRetrieveServiceClass.SCP
+_original_mwl_scp = _service_class.BasicWorklistManagementServiceClass.SCP
 _sinks: "weakref.WeakKeyDictionary[object, Callable[[], IncomingFile]]" = weakref.WeakKeyDictionary()
 _installed = False
 
@@ -355,16 +361,32 @@ def _recv(self, nr_bytes: int) -> bytearray:
     return out
 
 
-def route_moves(assoc, serve: Callable) -> None:
-    """Have this association's C-MOVE requests answered by ``serve(assoc, req, context)``."""
-    assoc._clinicbox_move = serve
+def route(assoc, *, find: Callable | None = None, move: Callable | None = None) -> None:
+    """Have this association's C-FIND (Q/R and worklist) and C-MOVE requests answered by
+    ``find(assoc, req, context)`` / ``move(assoc, req, context)`` instead of pynetdicom's services."""
+    assoc._clinicbox_find = find
+    assoc._clinicbox_move = move
 
 
 def _qr_scp(self, req, context):
-    serve = getattr(self.assoc, "_clinicbox_move", None)
-    if serve is not None and isinstance(req, _C_MOVE):
-        return serve(self.assoc, req, context)
+    if isinstance(req, _C_MOVE) and getattr(self.assoc, "_clinicbox_move", None) is not None:
+        return self.assoc._clinicbox_move(self.assoc, req, context)
+    if isinstance(req, _C_FIND) and getattr(self.assoc, "_clinicbox_find", None) is not None:
+        return self.assoc._clinicbox_find(self.assoc, req, context)
     return _original_qr_scp(self, req, context)
+
+
+def _mwl_scp(self, req, context):
+    if isinstance(req, _C_FIND) and getattr(self.assoc, "_clinicbox_find", None) is not None:
+        return self.assoc._clinicbox_find(self.assoc, req, context)
+    return _original_mwl_scp(self, req, context)
+
+
+def pynetdicom_find(assoc, req, context) -> None:
+    """pynetdicom's own C-FIND service for this request (the EVT_C_FIND handlers answer it)."""
+    service = _service_class.QueryRetrieveServiceClass(assoc)
+    service.statuses = _service_class.QR_FIND_SERVICE_CLASS_STATUS
+    service._c_find_scp(req, context)
 
 
 def installed() -> bool:
@@ -377,6 +399,17 @@ def peer_max_pdu(assoc) -> int | None:
         return int(assoc.dimse.maximum_pdu_size or 0)
     except (AttributeError, TypeError, ValueError):
         return None
+
+
+def peer_has_sent(assoc) -> bool:
+    """True when data from the peer waits on the association's socket, not yet read by its DUL thread."""
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if sock is None:
+        return False
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
 
 
 def raw_send(assoc, data: bytes) -> bool:
@@ -412,9 +445,12 @@ def _check_internals() -> None:
         problems.append("DULServiceProvider.run_reactor no longer polls with _run_loop_delay")
     if "_idle_timer" not in inspect.getsource(_dul.DULServiceProvider.run_reactor):
         problems.append("DULServiceProvider no longer restarts _idle_timer on received data")
-    if "_move_scp" not in inspect.getsource(_service_class.QueryRetrieveServiceClass.SCP) and \
-            _service_class.QueryRetrieveServiceClass.SCP is not _qr_scp:
+    if "_move_scp" not in inspect.getsource(_original_qr_scp):
         problems.append("QueryRetrieveServiceClass.SCP no longer dispatches C-MOVE to _move_scp")
+    if "_c_find_scp" not in inspect.getsource(_original_mwl_scp):
+        problems.append("BasicWorklistManagementServiceClass.SCP no longer dispatches to _c_find_scp")
+    if not hasattr(_service_class, "QR_FIND_SERVICE_CLASS_STATUS"):
+        problems.append("service_class.QR_FIND_SERVICE_CLASS_STATUS is gone")
     if not hasattr(_dimse.DIMSEServiceProvider, "__init__") or \
             "cancel_req" not in inspect.getsource(_dimse.DIMSEServiceProvider.__init__):
         problems.append("DIMSEServiceProvider.cancel_req is gone")
@@ -442,8 +478,13 @@ def install() -> None:
     pynetdicom._config.LOG_REQUEST_IDENTIFIERS = False
     pynetdicom._config.LOG_RESPONSE_IDENTIFIERS = False
     _dimse_messages.NamedTemporaryFile = _named_temporary_file
+    # A DUL thread gives the GIL up at every socket call and then waits a switch interval to get it
+    # back from a thread that is busy answering: at CPython's 5 ms a C-CANCEL (four such calls) was
+    # taken in only after ~20 ms of answers.  1 ms keeps the protocol threads responsive.
+    sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
     _dul.time = _EventTime()
     _association.time = _EventTime()
     _transport.AssociationSocket.recv = _recv
     _service_class.QueryRetrieveServiceClass.SCP = _qr_scp
+    _service_class.BasicWorklistManagementServiceClass.SCP = _mwl_scp
     _installed = True

@@ -50,9 +50,6 @@ def _m0001(db: Database) -> None:
             requesting_physician TEXT NOT NULL DEFAULT '',
             requested_contrast_agent TEXT NOT NULL DEFAULT '',
             status TEXT NOT NULL DEFAULT 'SCHEDULED',
-            images INTEGER NOT NULL DEFAULT 0,
-            first_image_at TEXT,
-            last_image_at TEXT,
             created_by TEXT NOT NULL DEFAULT '',
             created_at TEXT NOT NULL,
             updated_at TEXT NOT NULL
