@@ -2,7 +2,7 @@
 
 CLI, systemd and tests all go through :func:`make_appliance`.  Start order: data dir lock ->
 archive (index, migrations, writer) -> orders
-(their migrations) -> start-up repair -> DICOM service -> READY.  Stop order
+(their migrations) -> jobs -> start-up repair -> DICOM service -> job schedule -> READY.  Stop order
 is the reverse, so every store that got Success is committed before the process exits.
 """
 
@@ -20,6 +20,8 @@ from clinicbox.archive.ingest import Archive
 from clinicbox.archive.repair import repair
 from clinicbox.core.config import Config
 from clinicbox.dicom.server import DicomServer
+from clinicbox.jobs.runner import open_jobs
+from clinicbox.jobs.scheduler import Scheduler
 from clinicbox.orders.book import OrderBook
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ class Appliance:
         self.archive = Archive(config.storage)
         self.orders = OrderBook(self.archive)
         self.dicom = DicomServer(config.server, self.archive, self.orders, config.query, config.worklist)
+        self.scheduler = Scheduler(config, self.archive)
         self._stop = threading.Event()
         self._lock_file = None
 
@@ -66,8 +69,11 @@ class Appliance:
         try:
             self.archive.open()
             self.orders.open()
+            open_jobs(self.archive)
             repair(self.archive)
+            self.archive.disk_state()
             self.dicom.start()
+            self.scheduler.start()
         except BaseException:
             self.archive.close()
             self._lock_file.close()
@@ -78,6 +84,7 @@ class Appliance:
 
     def stop(self) -> None:
         sd_notify("STOPPING=1")
+        self.scheduler.stop()
         self.dicom.stop()
         self.archive.close()
         if self._lock_file is not None:

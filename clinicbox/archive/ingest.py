@@ -88,6 +88,7 @@ class Archive:
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._lock_fd: int | None = None
         self.listeners: list[Callable[[InstanceStored], None]] = []
+        self._disk_state = "ok"
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -148,7 +149,24 @@ class Archive:
             except FileNotFoundError:
                 pass
 
+    def disk_state(self) -> tuple[str, int]:
+        """("ok" | "warning" | "critical", free bytes) of the data dir's filesystem; logs changes."""
+        st = os.statvfs(self.store.root)
+        free = st.f_bavail * st.f_frsize
+        mb = free // (1024 * 1024)
+        state = ("critical" if mb < self.settings.min_free_critical_mb else
+                 "warning" if mb < self.settings.min_free_warning_mb else "ok")
+        if state != self._disk_state:
+            level = logging.INFO if state == "ok" else logging.WARNING if state == "warning" else logging.ERROR
+            log.log(level, "free space on the data disk: %d MB (%s; warning below %d MB, stores refused below %d MB)",
+                    mb, state, self.settings.min_free_warning_mb, self.settings.min_free_critical_mb)
+            self._disk_state = state
+        return state, free
+
     def _store(self, tmp, calling_ae, source, expected_class, expected_instance, sha256, synced):
+        if self.disk_state()[0] == "critical":
+            raise IngestError("no-space", f"free space below storage.min_free_critical_mb "
+                                          f"({self.settings.min_free_critical_mb} MB): store refused")
         try:
             parsed = parse_file(tmp)
         except InvalidObject as exc:

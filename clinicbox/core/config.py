@@ -87,6 +87,10 @@ class StorageSettings:
         choices=("normal", "full"))
     writer_batch_max: int = setting(256, "Most index writes committed together in one transaction (group commit).",
                                     minimum=1, maximum=10000)
+    min_free_warning_mb: int = setting(10240, "Free space (MB) on the data dir's disk below which ClinicBox warns (log, clinicbox status).",
+                                       minimum=0, maximum=10**9)
+    min_free_critical_mb: int = setting(2048, "Free space (MB) below which stores are refused (0xA700) so the disk never fills up.",
+                                        minimum=0, maximum=10**9)
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,20 @@ class WorklistSettings:
 
 
 @dataclass(frozen=True)
+class BackupSettings:
+    target: str = setting("", "Folder the nightly backup goes to (a mounted USB disk or NAS share); empty: no backup.")
+    keep: int = setting(14, "Finished backups kept on the target; older ones (and pool files only they name) are removed.",
+                        minimum=1, maximum=10000)
+
+
+@dataclass(frozen=True)
+class JobsSettings:
+    backup: str = setting("0 2 * * *", "When the backup runs (cron: minute hour day month weekday); empty: never by itself.")
+    restore_test: str = setting("30 4 * * 0", "When the latest backup is restored into a scratch folder and checked (cron).")
+    timezone: str = setting("", "Time zone of the schedules (e.g. Europe/Berlin); empty: the box's local time.")
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     level: str = setting("INFO", "Log level for every room.",
                          choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -123,6 +141,8 @@ class Config:
     storage: StorageSettings = field(default_factory=StorageSettings)
     query: QuerySettings = field(default_factory=QuerySettings)
     worklist: WorklistSettings = field(default_factory=WorklistSettings)
+    backup: BackupSettings = field(default_factory=BackupSettings)
+    jobs: JobsSettings = field(default_factory=JobsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
     @property
@@ -145,7 +165,8 @@ class Config:
 
 
 _SECTIONS: dict[str, type] = {"server": ServerSettings, "storage": StorageSettings, "query": QuerySettings,
-                              "worklist": WorklistSettings, "logging": LoggingSettings}
+                              "worklist": WorklistSettings, "backup": BackupSettings, "jobs": JobsSettings,
+                              "logging": LoggingSettings}
 
 
 def _field(cls: type, name: str) -> dataclasses.Field:
@@ -190,7 +211,23 @@ def from_mapping(data: dict[str, Any]) -> Config:
         sections[name] = cls(**kwargs)
     cfg = Config(**sections)
     cfg.server.validate()
+    _validate_schedules(cfg)
     return cfg
+
+
+_CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,\-?]+$")
+
+
+def _validate_schedules(cfg: "Config") -> None:
+    for name in ("backup", "restore_test"):
+        expression = getattr(cfg.jobs, name)
+        if not expression:
+            continue
+        fields_ = expression.split()
+        if len(fields_) not in (5, 6):
+            raise ConfigError(f"jobs.{name}", f"{expression!r} is not a cron expression (minute hour day month weekday)")
+        if not all(_CRON_FIELD.match(f) for f in fields_):
+            raise ConfigError(f"jobs.{name}", f"{expression!r} is not a cron expression (minute hour day month weekday)")
 
 
 def load(path: str | os.PathLike | None = None) -> Config:

@@ -1,0 +1,1 @@
+"""The jobs room: plain task functions (backup, restore test, …) and the scheduler that runs them."""

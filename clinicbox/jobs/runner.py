@@ -1,0 +1,144 @@
+"""The jobs: plain functions of the appliance's config and archive, each run recorded in ``job_runs``.
+
+``run_job(name, …)`` is what the scheduler, ``clinicbox jobs run`` and tests call.  A run holds a
+per-job lock file in the data dir, so runs of one job never overlap, even between the service and
+a run started by hand; a run that finds the lock taken is recorded as ``skipped``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+from clinicbox.archive import index as idx
+from clinicbox.archive.ingest import Archive
+from clinicbox.core.config import Config
+from clinicbox.jobs import backup
+
+log = logging.getLogger(__name__)
+
+migrations = Migrations("clinicbox.jobs")
+
+
+@migrations(name="0001_job_runs")
+def _m0001(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE job_runs (
+            id INTEGER PRIMARY KEY,
+            job TEXT NOT NULL,
+            trigger TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            ended_at TEXT,
+            outcome TEXT NOT NULL DEFAULT 'running',
+            figures TEXT NOT NULL DEFAULT '{}',
+            error TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX job_runs_job ON job_runs (job, started_at);
+        """
+    )
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    doc: str
+    fn: Callable[[Config, Archive], dict]
+
+
+def _target(config: Config) -> Path:
+    if not config.backup.target:
+        raise backup.BackupError("no backup target: set backup.target in the config (a mounted disk or NAS "
+                                 "folder), or give --to DIR")
+    return Path(config.backup.target)
+
+
+def _backup(config: Config, archive: Archive) -> dict:
+    return backup.run_backup(config.data_dir, _target(config), keep=config.backup.keep).figures()
+
+
+def _restore_test(config: Config, archive: Archive) -> dict:
+    return backup.restore_test(config.data_dir, _target(config))
+
+
+JOBS: dict[str, Job] = {
+    "backup": Job("backup", "copy the index snapshot and new objects to backup.target; prune old backups", _backup),
+    "restore-test": Job("restore-test", "restore the latest backup into a scratch folder and check it", _restore_test),
+}
+
+
+def open_jobs(archive: Archive) -> None:
+    applied = idx.migrate(archive.db_path, migrations)
+    if applied:
+        log.info("jobs: applied migrations %s", ", ".join(applied))
+
+
+def run_job(name: str, config: Config, archive: Archive, *, trigger: str = "manual") -> dict:
+    """Run one job now and record it; returns the run's record (outcome ok / failed / skipped)."""
+    job = JOBS.get(name)
+    if job is None:
+        raise KeyError(f"no job {name!r} (jobs: {', '.join(JOBS)})")
+    lock_path = config.data_dir / f"job-{name}.lock"
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("job %s not started (%s): the previous run is still going", name, trigger)
+            return _record(archive, name, trigger, idx.utcnow(), "skipped", {}, "the previous run is still going")
+        started = idx.utcnow()
+        run_id = archive.writer.call(lambda conn: conn.execute(
+            "INSERT INTO job_runs (job, trigger, started_at) VALUES (?,?,?)", (name, trigger, started)).lastrowid)
+        t0 = time.monotonic()
+        try:
+            figures = job.fn(config, archive) or {}
+        except backup.BackupError as exc:
+            log.error("job %s failed: %s", name, exc)
+            return _finish(archive, run_id, name, trigger, started, "failed", {}, str(exc))
+        except Exception as exc:
+            log.error("job %s failed: %s\n%s", name, exc, traceback.format_exc())
+            return _finish(archive, run_id, name, trigger, started, "failed", {}, f"{type(exc).__name__}: {exc}")
+        figures.setdefault("seconds", round(time.monotonic() - t0, 3))
+        log.info("job %s done in %.2f s", name, time.monotonic() - t0)
+        return _finish(archive, run_id, name, trigger, started, "ok", figures, "")
+
+
+def _finish(archive, run_id, name, trigger, started, outcome, figures, error) -> dict:
+    ended = idx.utcnow()
+    archive.writer.call(lambda conn: conn.execute(
+        "UPDATE job_runs SET ended_at=?, outcome=?, figures=?, error=? WHERE id=?",
+        (ended, outcome, json.dumps(figures), error, run_id)))
+    return {"job": name, "trigger": trigger, "started_at": started, "ended_at": ended, "outcome": outcome,
+            "figures": figures, "error": error}
+
+
+def _record(archive, name, trigger, started, outcome, figures, error) -> dict:
+    archive.writer.call(lambda conn: conn.execute(
+        "INSERT INTO job_runs (job, trigger, started_at, ended_at, outcome, figures, error) VALUES (?,?,?,?,?,?,?)",
+        (name, trigger, started, idx.utcnow(), outcome, json.dumps(figures), error)))
+    return {"job": name, "trigger": trigger, "started_at": started, "outcome": outcome, "error": error}
+
+
+def history(archive: Archive, job: str | None = None, limit: int = 50) -> list[dict]:
+    sql = "SELECT job, trigger, started_at, ended_at, outcome, figures, error FROM job_runs"
+    args: tuple = ()
+    if job:
+        sql += " WHERE job=?"
+        args = (job,)
+    rows = archive.index.conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+    return [dict(r) | {"figures": json.loads(r["figures"] or "{}")} for r in rows]
+
+
+def last_ok(archive: Archive, job: str) -> dict | None:
+    row = archive.index.conn.execute(
+        "SELECT started_at, ended_at, figures FROM job_runs WHERE job=? AND outcome='ok' ORDER BY id DESC LIMIT 1",
+        (job,)).fetchone()
+    return dict(row) if row else None

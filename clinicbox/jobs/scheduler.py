@@ -1,0 +1,96 @@
+"""The job schedule inside ``clinicbox serve``: the only module that imports APScheduler.
+
+Schedules are cron expressions from ``[jobs]`` in the config (empty: not scheduled).  A run missed
+while the box was off (its last successful run is older than the schedule's previous fire time)
+runs once at start-up.  Runs of one job never overlap (APScheduler ``max_instances=1``, plus the
+job's lock file against runs started by hand).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+
+from clinicbox.archive.ingest import Archive
+from clinicbox.core.config import Config, ConfigError
+from clinicbox.jobs.runner import JOBS, last_ok, run_job
+
+log = logging.getLogger(__name__)
+
+
+NEEDS_TARGET = ("backup", "restore-test")
+
+
+def schedules(config: Config) -> dict[str, str]:
+    plan = {name: getattr(config.jobs, name.replace("-", "_")) for name in JOBS
+            if getattr(config.jobs, name.replace("-", "_"), "")}
+    if not config.backup.target:
+        for name in NEEDS_TARGET:
+            plan.pop(name, None)
+    return plan
+
+
+def trigger_for(expression: str) -> CronTrigger:
+    """A cron trigger from ``"m h dom mon dow"`` (or six fields with seconds first)."""
+    fields = expression.split()
+    if len(fields) == 6:
+        second, minute, hour, day, month, dow = fields
+        return CronTrigger(second=second, minute=minute, hour=hour, day=day, month=month, day_of_week=dow)
+    return CronTrigger.from_crontab(expression)
+
+
+def _previous_fire(trigger: CronTrigger, now: datetime) -> datetime | None:
+    """The last time the schedule fired before ``now`` (searched back up to ~a year)."""
+    from datetime import timedelta
+
+    for days in (1, 8, 32, 370):
+        start = now - timedelta(days=days)
+        t = trigger.get_next_fire_time(None, start)
+        last = None
+        while t is not None and t <= now:
+            last = t
+            t = trigger.get_next_fire_time(t, t + timedelta(microseconds=1))
+        if last is not None:
+            return last
+    return None
+
+
+class Scheduler:
+    def __init__(self, config: Config, archive: Archive) -> None:
+        self.config = config
+        self.archive = archive
+        self._scheduler = BackgroundScheduler(timezone=config.jobs.timezone or None)
+
+    def start(self) -> None:
+        plan = schedules(self.config)
+        if not self.config.backup.target:
+            log.warning("no backup target (backup.target): this box keeps the only copy of its images")
+        triggers = {}
+        for name, expression in plan.items():
+            try:
+                triggers[name] = trigger_for(expression)
+            except ValueError as exc:
+                raise ConfigError(f"jobs.{name.replace('-', '_')}", f"{expression!r}: {exc}") from None
+        for name, expression in plan.items():
+            trigger = triggers[name]
+            self._scheduler.add_job(self._run, trigger, args=[name, "schedule"], id=name, max_instances=1,
+                                    coalesce=True, misfire_grace_time=3600)
+            log.info("job %s scheduled: %s", name, expression)
+        self._scheduler.start()
+        now = datetime.now(self._scheduler.timezone)
+        for name, expression in plan.items():
+            previous = _previous_fire(triggers[name], now)
+            done = last_ok(self.archive, name)
+            if previous is not None and (done is None or datetime.fromisoformat(done["started_at"]) < previous):
+                log.info("job %s missed its run of %s (box off?): running it now", name, previous)
+                self._scheduler.add_job(self._run, args=[name, "missed"], id=f"{name}-missed", max_instances=1)
+
+    def _run(self, name: str, trigger: str) -> None:
+        run_job(name, self.config, self.archive, trigger=trigger)
+
+    def stop(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=True)
