@@ -229,7 +229,9 @@ def small_fs(tmp_path):
 
 
 def test_disk_full_answers_a700_then_recovers(small_fs, tmp_path, storescu):
-    box = ClinicBox(small_fs / "data")
+    config = tmp_path / "no-guard.toml"  # the real ENOSPC path: the disk guard's thresholds off
+    config.write_text("[storage]\nmin_free_warning_mb = 0\nmin_free_critical_mb = 0\n")
+    box = ClinicBox(small_fs / "data", config=config)
     box.log_path = tmp_path / "serve.log"
     box.start()
     try:
@@ -335,3 +337,25 @@ def test_stream_of_malformed_pdus_keeps_memory_flat_and_service_up(server, echos
     after = _rss_kb(server.proc.pid)
     assert after - before < 20_000, f"RSS grew from {before} kB to {after} kB"
     assert subprocess.run([echoscu, "-aec", "CLINICBOX", "127.0.0.1", str(server.port)]).returncode == 0
+
+
+def test_disk_guard_refuses_stores_below_the_critical_threshold(tmp_path, storescu):
+    """Below storage.min_free_critical_mb every store is refused with 0xA700 before anything is written."""
+    free_mb = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize // (1024 * 1024)
+    config = tmp_path / "guard.toml"
+    config.write_text(f"[storage]\nmin_free_warning_mb = {free_mb + 20000}\nmin_free_critical_mb = {free_mb + 10000}\n")
+    box = ClinicBox(tmp_path / "data", config=config)
+    box.start()
+    try:
+        files = write_ct_series(tmp_path / "s", 3, rows=16, cols=16)
+        r = subprocess.run([storescu, "-v", "-nh", "-aec", "CLINICBOX", "127.0.0.1", str(box.port),
+                            *map(str, files)], capture_output=True, text=True)
+        statuses = re.findall(r"Received Store Response \(([^)]*)\)", r.stderr + r.stdout)
+        assert statuses == ["Refused: OutOfResources"] * 3, r.stderr[-2000:]
+        assert "stores refused below" in box.log() and "min_free_critical_mb" in box.log()
+        assert _count(box) == 0
+        assert not any((tmp_path / "data" / "incoming").iterdir())
+        status = json.loads(box.cli("status", "--json", "--config", str(config)).stdout)
+        assert status["disk"]["state"] == "critical"
+    finally:
+        box.stop()
