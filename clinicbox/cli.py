@@ -713,6 +713,8 @@ def cmd_status(args, config: cfg.Config) -> int:
         counts = archive.index.counts()
         backup = last_ok(archive, "backup")
         verified = last_ok(archive, "restore-test")
+        unhealthy = dict(archive.index.conn.execute(
+            "SELECT state, count(*) FROM instances WHERE state != 'ok' GROUP BY state").fetchall())
     finally:
         archive.close()
     status = {"data_dir": str(config.data_dir), "disk": {"state": state, "free_mb": free // (1024 * 1024),
@@ -720,7 +722,8 @@ def cmd_status(args, config: cfg.Config) -> int:
               "refusing_below_mb": config.storage.min_free_critical_mb}, **counts,
               "backup_target": config.backup.target or None,
               "last_backup": backup["started_at"] if backup else None,
-              "last_verified_restore": verified["started_at"] if verified else None}
+              "last_verified_restore": verified["started_at"] if verified else None,
+              "instances_not_ok": unhealthy}
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -732,6 +735,9 @@ def cmd_status(args, config: cfg.Config) -> int:
     print(f"backup target      {config.backup.target or 'NONE: this box holds the only copy'}")
     print(f"last backup        {status['last_backup'] or 'never'}")
     print(f"last verified restore {status['last_verified_restore'] or 'never'}")
+    if unhealthy:
+        print("NOT OK             " + ", ".join(f"{n} {state}" for state, n in unhealthy.items())
+              + " (clinicbox jobs run scrub repairs from the backup)")
     return 0
 
 

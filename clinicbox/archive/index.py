@@ -136,6 +136,16 @@ def _m0003(db: Database) -> None:
     )
 
 
+@migrations(name="0004_verified_at")
+def _m0004(db: Database) -> None:
+    db.executescript(
+        """
+        ALTER TABLE instances ADD COLUMN verified_at TEXT;
+        CREATE INDEX instances_verified ON instances (verified_at);
+        """
+    )
+
+
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 

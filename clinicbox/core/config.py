@@ -120,9 +120,17 @@ class BackupSettings:
 
 
 @dataclass(frozen=True)
+class IntegritySettings:
+    files_per_run: int = setting(20000, "Stored files one scrub run re-reads (the least recently checked first), so every file is checked in turn.",
+                                 minimum=1, maximum=10**9)
+    repair_from_backup: bool = setting(True, "Put back a damaged or missing file from the backup target when the backup holds it intact.")
+
+
+@dataclass(frozen=True)
 class JobsSettings:
     backup: str = setting("0 2 * * *", "When the backup runs (cron: minute hour day month weekday); empty: never by itself.")
     restore_test: str = setting("30 4 * * 0", "When the latest backup is restored into a scratch folder and checked (cron).")
+    scrub: str = setting("15 1 * * *", "When stored files are re-read against their ingest checksums, a share at a time (cron).")
     timezone: str = setting("", "Time zone of the schedules (e.g. Europe/Berlin); empty: the box's local time.")
 
 
@@ -143,6 +151,7 @@ class Config:
     worklist: WorklistSettings = field(default_factory=WorklistSettings)
     backup: BackupSettings = field(default_factory=BackupSettings)
     jobs: JobsSettings = field(default_factory=JobsSettings)
+    integrity: IntegritySettings = field(default_factory=IntegritySettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
     @property
@@ -166,6 +175,7 @@ class Config:
 
 _SECTIONS: dict[str, type] = {"server": ServerSettings, "storage": StorageSettings, "query": QuerySettings,
                               "worklist": WorklistSettings, "backup": BackupSettings, "jobs": JobsSettings,
+                              "integrity": IntegritySettings,
                               "logging": LoggingSettings}
 
 
@@ -219,7 +229,7 @@ _CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,\-?]+$")
 
 
 def _validate_schedules(cfg: "Config") -> None:
-    for name in ("backup", "restore_test"):
+    for name in ("backup", "restore_test", "scrub"):
         expression = getattr(cfg.jobs, name)
         if not expression:
             continue

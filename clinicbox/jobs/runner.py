@@ -70,9 +70,17 @@ def _restore_test(config: Config, archive: Archive) -> dict:
     return backup.restore_test(config.data_dir, _target(config))
 
 
+def _scrub(config: Config, archive: Archive) -> dict:
+    from clinicbox.jobs.integrity import scrub
+
+    target = config.backup.target if config.integrity.repair_from_backup else None
+    return scrub(archive, files_per_run=config.integrity.files_per_run, backup_target=target or None)
+
+
 JOBS: dict[str, Job] = {
     "backup": Job("backup", "copy the index snapshot and new objects to backup.target; prune old backups", _backup),
     "restore-test": Job("restore-test", "restore the latest backup into a scratch folder and check it", _restore_test),
+    "scrub": Job("scrub", "re-read stored files against their ingest checksums; repair from the backup", _scrub),
 }
 
 
@@ -107,8 +115,9 @@ def run_job(name: str, config: Config, archive: Archive, *, trigger: str = "manu
             log.error("job %s failed: %s\n%s", name, exc, traceback.format_exc())
             return _finish(archive, run_id, name, trigger, started, "failed", {}, f"{type(exc).__name__}: {exc}")
         figures.setdefault("seconds", round(time.monotonic() - t0, 3))
-        log.info("job %s done in %.2f s", name, time.monotonic() - t0)
-        return _finish(archive, run_id, name, trigger, started, "ok", figures, "")
+        outcome = figures.pop("_outcome", "ok")  # a job that ran but found trouble says so
+        log.info("job %s done in %.2f s: %s", name, time.monotonic() - t0, outcome)
+        return _finish(archive, run_id, name, trigger, started, outcome, figures, "")
 
 
 def _finish(archive, run_id, name, trigger, started, outcome, figures, error) -> dict:
