@@ -205,6 +205,27 @@ def _jobs_parser(sub) -> None:
     p.add_argument("--from", dest="source", metavar="DIR", help="backup target holding it (default: backup.target)")
     p.set_defaults(func=cmd_restore)
 
+    p = sub.add_parser("retention", help="what the retention rules would delete, and why (a dry run)")
+    _common(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--all", action="store_true", help="list kept studies too")
+    p.set_defaults(func=cmd_retention)
+
+    p = sub.add_parser("hold", help="legal holds: studies or patients retention must keep")
+    hsub = p.add_subparsers(dest="hold_command", metavar="SUBCOMMAND", required=True)
+    for name, helptext in (("add", "put a patient or study on legal hold"), ("remove", "lift a legal hold")):
+        h = hsub.add_parser(name, help=helptext)
+        _common(h)
+        what = h.add_mutually_exclusive_group(required=True)
+        what.add_argument("--patient-id")
+        what.add_argument("--study", metavar="STUDY_INSTANCE_UID")
+        h.add_argument("--reason", default="", help="why (kept in the audit log)")
+        h.add_argument("--by", default="", help="who (default: the login name)")
+        h.set_defaults(func=cmd_hold_add if name == "add" else cmd_hold_remove)
+    h = hsub.add_parser("list", help="the legal holds")
+    _common(h)
+    h.set_defaults(func=cmd_hold_list)
+
     p = sub.add_parser("status", help="counts, disk space, last backup and last verified restore")
     _common(p)
     p.add_argument("--json", action="store_true")
@@ -701,6 +722,77 @@ def cmd_restore(args, config: cfg.Config) -> int:
     archive.close()
     print(f"restored backup {result['backup']} into {result['data_dir']}: {result['restored']} instances "
           f"in {result['seconds']} s")
+    return 0
+
+
+def cmd_retention(args, config: cfg.Config) -> int:
+    from clinicbox.jobs.retention import run_retention
+
+    archive = _open_jobs(config)
+    try:
+        result = run_retention(config, archive, dry_run=True)
+    finally:
+        archive.close()
+    rows = result["plan"] if args.all else [v for v in result["plan"] if v["action"] == "delete"]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    state = "on" if config.retention.enabled else "OFF (retention.enabled = false: nothing is deleted)"
+    print(f"retention {state}; {result['studies']} studies, {result['to_delete']} past their keeping time "
+          "and deletable")
+    for v in rows:
+        print(f"  {v['action']:6}  {v['study_instance_uid']}  {v['study_date'] or '-':8}  "
+              f"{'/'.join(v['modalities']) or '-':8}  {v['why']}")
+    return 0
+
+
+def _hold(args, config: cfg.Config, add: bool) -> int:
+    from clinicbox.archive.index import utcnow
+    from clinicbox.jobs.retention import audit
+
+    kind, value = ("patient", args.patient_id) if args.patient_id else ("study", args.study)
+    who = _who(args)
+    archive = _open_jobs(config)
+
+    def write(conn):
+        if add:
+            conn.execute("INSERT OR REPLACE INTO legal_holds (kind, value, reason, who, at) VALUES (?,?,?,?,?)",
+                         (kind, value, args.reason, who, utcnow()))
+        elif not conn.execute("DELETE FROM legal_holds WHERE kind=? AND value=?", (kind, value)).rowcount:
+            return False
+        audit(conn, who, "legal hold added" if add else "legal hold lifted",
+              {"kind": kind, "value": value, "reason": args.reason})
+        return True
+
+    try:
+        done = archive.writer.call(write)
+    finally:
+        archive.close()
+    if not done:
+        print(f"clinicbox: no legal hold on {kind} {value}", file=sys.stderr)
+        return 1
+    print(f"legal hold {'on' if add else 'lifted from'} {kind} {value}")
+    return 0
+
+
+def cmd_hold_add(args, config: cfg.Config) -> int:
+    return _hold(args, config, True)
+
+
+def cmd_hold_remove(args, config: cfg.Config) -> int:
+    return _hold(args, config, False)
+
+
+def cmd_hold_list(args, config: cfg.Config) -> int:
+    archive = _open_jobs(config)
+    try:
+        rows = archive.index.conn.execute("SELECT kind, value, reason, who, at FROM legal_holds ORDER BY at").fetchall()
+    finally:
+        archive.close()
+    if not rows:
+        print("no legal holds")
+    for r in rows:
+        print(f"{r['at']}  {r['kind']:7}  {r['value']}  {r['who']}  {r['reason']}")
     return 0
 
 

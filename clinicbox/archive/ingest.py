@@ -266,6 +266,29 @@ class Archive:
             raise IngestError("no-space" if is_no_space(exc) else "failure", f"cannot copy: {exc}") from None
         return self.store_incoming(tmp, source=source)
 
+    def delete_study(self, study_instance_uid: str) -> int:
+        """Remove a study's instances: index rows first (one commit), then their files."""
+        rows = self.index.conn.execute(
+            "SELECT i.sop_instance_uid, i.path FROM instances i JOIN series se ON se.id = i.series_pk"
+            " JOIN studies s ON s.id = se.study_pk WHERE s.study_instance_uid = ?", (study_instance_uid,)).fetchall()
+
+        def write(conn):
+            for uid, _path in rows:
+                idx.delete_instance(conn, uid)
+
+        self.writer.call(write)
+        dirs = set()
+        for _uid, path in rows:
+            p = self.store.abspath(path)
+            try:
+                os.unlink(p)
+                dirs.add(p.parent)
+            except FileNotFoundError:
+                pass
+        for d in dirs:
+            fsync_dir(d)
+        return len(rows)
+
     def add_device(self, name: str, ae_title: str, host: str, port: int, role: str, charset: str = "",
                    own_station_only: bool | None = None) -> None:
         self.writer.call(lambda conn: idx.upsert_device(conn, name, ae_title, host, port, role, charset,

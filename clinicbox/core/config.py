@@ -127,10 +127,31 @@ class IntegritySettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    enabled: bool = setting(False, "Delete studies past their keeping time (off: nothing is ever deleted by ClinicBox).")
+    rules: list = setting([], "Keeping times, first match wins: [{modality = \"US\", years = 10}, {modality = \"*\", years = 30}]; a study no rule names is kept.")
+    minor_age: int = setting(18, "A patient younger than this at the exam is a minor.", minimum=0, maximum=150)
+    minor_extra_years: int = setting(10, "A minor's studies are kept at least until age minor_age plus this many years.",
+                                     minimum=0, maximum=150)
+    require_verified_backup: bool = setting(True, "Delete only studies held in the backup whose restore was last verified; false is logged loudly.")
+
+    def validate(self) -> None:
+        for i, rule in enumerate(self.rules):
+            key = f"retention.rules[{i}]"
+            if not isinstance(rule, dict) or set(rule) - {"modality", "years"} or "years" not in rule:
+                raise ConfigError(key, "must be a table {modality = \"US\", years = 10}")
+            if not isinstance(rule["years"], int) or isinstance(rule["years"], bool) or rule["years"] < 0:
+                raise ConfigError(f"{key}.years", "must be a whole number of years, 0 or more")
+            if not isinstance(rule.get("modality", "*"), str):
+                raise ConfigError(f"{key}.modality", "must be a modality code or \"*\"")
+
+
+@dataclass(frozen=True)
 class JobsSettings:
     backup: str = setting("0 2 * * *", "When the backup runs (cron: minute hour day month weekday); empty: never by itself.")
     restore_test: str = setting("30 4 * * 0", "When the latest backup is restored into a scratch folder and checked (cron).")
     scrub: str = setting("15 1 * * *", "When stored files are re-read against their ingest checksums, a share at a time (cron).")
+    retention: str = setting("45 1 * * *", "When studies past their keeping time are deleted (only with retention.enabled; cron).")
     timezone: str = setting("", "Time zone of the schedules (e.g. Europe/Berlin); empty: the box's local time.")
 
 
@@ -152,6 +173,7 @@ class Config:
     backup: BackupSettings = field(default_factory=BackupSettings)
     jobs: JobsSettings = field(default_factory=JobsSettings)
     integrity: IntegritySettings = field(default_factory=IntegritySettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
     @property
@@ -175,7 +197,7 @@ class Config:
 
 _SECTIONS: dict[str, type] = {"server": ServerSettings, "storage": StorageSettings, "query": QuerySettings,
                               "worklist": WorklistSettings, "backup": BackupSettings, "jobs": JobsSettings,
-                              "integrity": IntegritySettings,
+                              "integrity": IntegritySettings, "retention": RetentionSettings,
                               "logging": LoggingSettings}
 
 
@@ -229,7 +251,8 @@ _CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,\-?]+$")
 
 
 def _validate_schedules(cfg: "Config") -> None:
-    for name in ("backup", "restore_test", "scrub"):
+    cfg.retention.validate()
+    for name in ("backup", "restore_test", "scrub", "retention"):
         expression = getattr(cfg.jobs, name)
         if not expression:
             continue

@@ -48,6 +48,30 @@ def _m0001(db: Database) -> None:
     )
 
 
+@migrations(name="0002_retention")
+def _m0002(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE legal_holds (
+            kind TEXT NOT NULL CHECK (kind IN ('patient', 'study')),
+            value TEXT NOT NULL,
+            reason TEXT NOT NULL DEFAULT '',
+            who TEXT NOT NULL DEFAULT '',
+            at TEXT NOT NULL,
+            PRIMARY KEY (kind, value)
+        );
+        -- append-only: who did what, when (deletions, holds)
+        CREATE TABLE audit_log (
+            id INTEGER PRIMARY KEY,
+            at TEXT NOT NULL,
+            who TEXT NOT NULL,
+            action TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT '{}'
+        );
+        """
+    )
+
+
 @dataclass(frozen=True)
 class Job:
     name: str
@@ -77,9 +101,17 @@ def _scrub(config: Config, archive: Archive) -> dict:
     return scrub(archive, files_per_run=config.integrity.files_per_run, backup_target=target or None)
 
 
+def _retention(config: Config, archive: Archive) -> dict:
+    from clinicbox.jobs.retention import run_retention
+
+    return run_retention(config, archive)
+
+
 JOBS: dict[str, Job] = {
     "backup": Job("backup", "copy the index snapshot and new objects to backup.target; prune old backups", _backup),
     "restore-test": Job("restore-test", "restore the latest backup into a scratch folder and check it", _restore_test),
+    "retention": Job("retention", "delete studies past their keeping time (rules, minors, holds, verified backup)",
+                     _retention),
     "scrub": Job("scrub", "re-read stored files against their ingest checksums; repair from the backup", _scrub),
 }
 

@@ -1,0 +1,140 @@
+"""Retention: studies past their keeping time go, never one under legal hold or not safely backed up.
+
+Rules (``[retention]`` in the config) give a keeping time in years per modality (``*`` for any),
+counted from the study date (or, without one, from when ClinicBox received it).  A study of a
+patient who was a minor at the exam is kept at least until the patient is ``minor_age`` +
+``minor_extra_years`` years old.  A legal hold on the patient or the study keeps it whatever the
+rules say.  A study is deleted only if every one of its files is in the backup whose restore was
+last verified (restore-test), unless ``require_verified_backup = false`` (logged loudly).  A dry
+run lists what would go and why; every deletion is written to the audit log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from datetime import date
+from pathlib import Path
+
+from clinicbox.archive import index as idx
+from clinicbox.archive.ingest import Archive
+from clinicbox.core.config import Config
+from clinicbox.jobs import backup
+
+log = logging.getLogger(__name__)
+
+
+def _date(text: str) -> date | None:
+    text = (text or "").strip()[:10].replace("-", "")
+    try:
+        return date(int(text[0:4]), int(text[4:6]), int(text[6:8])) if len(text) >= 8 else None
+    except ValueError:
+        return None
+
+
+def _add_years(d: date, years: int) -> date:
+    try:
+        return d.replace(year=d.year + years)
+    except ValueError:  # 29 February
+        return d.replace(year=d.year + years, day=28)
+
+
+def audit(conn: sqlite3.Connection, who: str, action: str, detail: dict) -> None:
+    conn.execute("INSERT INTO audit_log (at, who, action, detail) VALUES (?,?,?,?)",
+                 (idx.utcnow(), who, action, json.dumps(detail)))
+
+
+def holds(conn: sqlite3.Connection) -> tuple[set[str], set[str]]:
+    patients, studies = set(), set()
+    for kind, value in conn.execute("SELECT kind, value FROM legal_holds"):
+        (patients if kind == "patient" else studies).add(value)
+    return patients, studies
+
+
+def _verified_backup_objects(config: Config, conn: sqlite3.Connection) -> dict[str, str] | None:
+    """path -> sha256 of the backup last proven by a restore test, or None when there is none."""
+    row = conn.execute("SELECT figures FROM job_runs WHERE job='restore-test' AND outcome='ok'"
+                       " ORDER BY id DESC LIMIT 1").fetchone()
+    if row is None or not config.backup.target:
+        return None
+    backup_id = json.loads(row[0] or "{}").get("backup")
+    try:
+        bdir = backup.find_backup(Path(config.backup.target), backup_id)
+        manifest = json.loads((bdir / backup.MANIFEST).read_text())
+    except (backup.BackupError, OSError, ValueError):
+        return None
+    return {o["path"]: o["sha256"] for o in manifest["objects"]}
+
+
+def plan(config: Config, archive: Archive, today: date | None = None) -> list[dict]:
+    """Every study with its verdict: keep (and why) or delete (and why)."""
+    today = today or date.today()
+    r = config.retention
+    conn = archive.index.conn
+    held_patients, held_studies = holds(conn)
+    backed_up = _verified_backup_objects(config, conn) if r.require_verified_backup else {}
+    out = []
+    for s in conn.execute(
+            "SELECT s.id, s.study_instance_uid, s.study_date, s.created_at, s.modalities_in_study, s.num_instances,"
+            " p.patient_id, p.patient_birth_date FROM studies s JOIN patients p ON p.id = s.patient_pk"):
+        mods = [m for m in (s["modalities_in_study"] or "").split("\\") if m]
+        rule = next((x for x in r.rules if x.get("modality", "*") == "*" or x.get("modality") in mods), None)
+        basis = _date(s["study_date"]) or _date(s["created_at"])
+        item = {"study_instance_uid": s["study_instance_uid"], "study_date": s["study_date"], "modalities": mods,
+                "instances": s["num_instances"]}
+        if rule is None or basis is None:
+            out.append(item | {"action": "keep", "why": "no retention rule applies" if rule is None else "no date"})
+            continue
+        expires = _add_years(basis, int(rule["years"]))
+        why = f"{rule['years']} years for {rule.get('modality', '*')} from {basis.isoformat()}"
+        birth = _date(s["patient_birth_date"])
+        if birth and basis < _add_years(birth, r.minor_age):
+            adult_plus = _add_years(birth, r.minor_age + r.minor_extra_years)
+            if adult_plus > expires:
+                expires, why = adult_plus, (f"minor at the exam: kept until age {r.minor_age} + "
+                                            f"{r.minor_extra_years} years ({adult_plus.isoformat()})")
+        item["expires"] = expires.isoformat()
+        if s["patient_id"] in held_patients or s["study_instance_uid"] in held_studies:
+            out.append(item | {"action": "keep", "why": "legal hold"})
+        elif expires > today:
+            out.append(item | {"action": "keep", "why": why})
+        elif r.require_verified_backup:
+            if backed_up is None:
+                out.append(item | {"action": "keep", "why": "expired, but no verified backup (restore test) yet"})
+                continue
+            files = conn.execute("SELECT i.path, i.sha256 FROM instances i JOIN series se ON se.id = i.series_pk"
+                                 " WHERE se.study_pk = ?", (s["id"],)).fetchall()
+            if all(backed_up.get(f["path"]) == f["sha256"] for f in files):
+                out.append(item | {"action": "delete", "why": f"expired {expires.isoformat()} ({why})"})
+            else:
+                out.append(item | {"action": "keep", "why": "expired, but not all of it is in the verified backup"})
+        else:
+            out.append(item | {"action": "delete", "why": f"expired {expires.isoformat()} ({why}); "
+                                                          "verified backup NOT required"})
+    return out
+
+
+def run_retention(config: Config, archive: Archive, *, dry_run: bool = False, who: str = "retention job",
+                  today: date | None = None) -> dict:
+    if not config.retention.enabled and not dry_run:
+        return {"enabled": False, "deleted_studies": 0, "deleted_instances": 0}
+    if not config.retention.require_verified_backup:
+        log.warning("retention.require_verified_backup = false: studies are deleted WITHOUT a verified backup")
+    verdicts = plan(config, archive, today)
+    doomed = [v for v in verdicts if v["action"] == "delete"]
+    figures = {"studies": len(verdicts), "to_delete": len(doomed), "dry_run": dry_run, "deleted_studies": 0,
+               "deleted_instances": 0}
+    if dry_run:
+        figures["plan"] = verdicts
+        return figures
+    for v in doomed:
+        n = archive.delete_study(v["study_instance_uid"])
+        archive.writer.call(lambda conn, v=v, n=n: audit(conn, who, "retention delete",
+                                                         {"study_instance_uid": v["study_instance_uid"],
+                                                          "instances": n, "why": v["why"]}))
+        figures["deleted_studies"] += 1
+        figures["deleted_instances"] += n
+    log.info("retention: %d studies checked, %d deleted (%d instances)", len(verdicts), figures["deleted_studies"],
+             figures["deleted_instances"])
+    return figures

@@ -1,0 +1,131 @@
+"""Retention and the integrity scrub as job functions on a small archive (no network)."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+
+import pydicom
+import pytest
+
+from clinicbox.archive.ingest import Archive
+from clinicbox.core import config as cfg
+from clinicbox.jobs.retention import plan, run_retention
+from clinicbox.jobs.runner import open_jobs, run_job
+from tests.support.synth import ORG_ROOT, ct_dataset
+
+TODAY = date(2026, 11, 23)
+STUDIES = {  # name: (patient id, birth date, study date, modality)
+    "old-adult-us": ("R1", "19500101", "20100105", "US"),
+    "recent-us": ("R2", "19600101", "20250601", "US"),
+    "old-minor-us": ("R3", "20100301", "20120101", "US"),
+    "old-held-us": ("R4", "19700101", "20050101", "US"),
+    "old-ct": ("R5", "19700101", "19990101", "CT"),
+}
+
+
+def _config(tmp_path, **retention) -> cfg.Config:
+    return cfg.from_mapping({
+        "storage": {"data_dir": str(tmp_path / "data")},
+        "backup": {"target": str(tmp_path / "target")},
+        "retention": {"enabled": True, "rules": [{"modality": "US", "years": 10}], **retention}})
+
+
+@pytest.fixture
+def box(tmp_path):
+    (tmp_path / "target").mkdir()
+    config = _config(tmp_path)
+    archive = Archive(config.storage)
+    archive.open()
+    open_jobs(archive)
+    uids = {}
+    for name, (pid, birth, day, modality) in STUDIES.items():
+        study = pydicom.uid.generate_uid(prefix=ORG_ROOT)
+        uids[name] = study
+        series = pydicom.uid.generate_uid(prefix=ORG_ROOT)
+        for n in range(2):
+            ds = ct_dataset(study, series, n + 1, rows=4, cols=4, patient_id=pid, patient_name=f"{name}^X")
+            ds.PatientBirthDate, ds.StudyDate, ds.Modality = birth, day, modality
+            path = tmp_path / f"{name}-{n}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            archive.store_file(path)
+    archive.writer.call(lambda conn: conn.execute(
+        "INSERT INTO legal_holds (kind, value, reason, who, at) VALUES ('patient', 'R4', 'court case', 't', 'x')"))
+    yield config, archive, uids
+    archive.close()
+
+
+def _verdicts(config, archive, uids):
+    by_uid = {v["study_instance_uid"]: v for v in plan(config, archive, TODAY)}
+    return {name: (by_uid[uid]["action"], by_uid[uid]["why"]) for name, uid in uids.items()}
+
+
+def test_nothing_goes_before_a_verified_backup_then_only_what_the_rules_say(box):
+    config, archive, uids = box
+    v = _verdicts(config, archive, uids)
+    assert v["old-adult-us"] == ("keep", "expired, but no verified backup (restore test) yet")
+    assert v["recent-us"][0] == "keep" and "10 years" in v["recent-us"][1]
+    assert v["old-minor-us"][0] == "keep" and "minor" in v["old-minor-us"][1]  # kept until 2038
+    assert v["old-held-us"] == ("keep", "legal hold")
+    assert v["old-ct"] == ("keep", "no retention rule applies")
+    assert run_retention(config, archive, today=TODAY)["deleted_studies"] == 0
+
+    assert run_job("backup", config, archive)["outcome"] == "ok"
+    assert run_job("restore-test", config, archive)["outcome"] == "ok"
+    v = _verdicts(config, archive, uids)
+    assert v["old-adult-us"][0] == "delete" and "expired 2020-01-05" in v["old-adult-us"][1]
+    assert [n for n, (a, _w) in v.items() if a == "delete"] == ["old-adult-us"]
+    dry = run_retention(config, archive, dry_run=True, today=TODAY)
+    assert dry["to_delete"] == 1 and dry["deleted_studies"] == 0 and archive.index.counts()["studies"] == 5
+
+    paths = [r[0] for r in archive.index.conn.execute(
+        "SELECT i.path FROM instances i JOIN series se ON se.id = i.series_pk JOIN studies s ON s.id = se.study_pk"
+        " WHERE s.study_instance_uid = ?", (uids["old-adult-us"],))]
+    done = run_retention(config, archive, today=TODAY)
+    assert (done["deleted_studies"], done["deleted_instances"]) == (1, 2)
+    assert archive.index.counts()["studies"] == 4
+    assert not any(archive.store.abspath(p).exists() for p in paths)
+    [entry] = archive.index.conn.execute("SELECT who, action, detail FROM audit_log WHERE action='retention delete'")
+    assert json.loads(entry["detail"])["study_instance_uid"] == uids["old-adult-us"]
+
+
+def test_a_study_not_in_the_verified_backup_is_kept_and_the_waiver_deletes_without(box, tmp_path):
+    config, archive, uids = box
+    run_job("backup", config, archive)
+    run_job("restore-test", config, archive)
+    # an old study that arrives after the verified backup: not deleted until it is backed up too
+    ds = ct_dataset(pydicom.uid.generate_uid(prefix=ORG_ROOT), pydicom.uid.generate_uid(prefix=ORG_ROOT), 1,
+                    rows=4, cols=4, patient_id="R9", patient_name="LATE^X")
+    ds.StudyDate, ds.Modality = "20000101", "US"
+    path = tmp_path / "late.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    archive.store_file(path)
+    verdict = {v["study_instance_uid"]: v for v in plan(config, archive, TODAY)}[ds.StudyInstanceUID]
+    assert verdict["action"] == "keep" and "not all of it is in the verified backup" in verdict["why"]
+    waived = cfg.from_mapping({"storage": {"data_dir": str(tmp_path / "data")},
+                               "retention": {"enabled": True, "rules": [{"modality": "US", "years": 10}],
+                                             "require_verified_backup": False}})
+    done = run_retention(waived, archive, today=TODAY)
+    assert done["deleted_studies"] == 2  # the late one and old-adult-us; never the held or the minor's
+
+
+def test_scrub_finds_damage_and_repairs_from_the_backup(box):
+    config, archive, _uids = box
+    assert run_job("backup", config, archive)["outcome"] == "ok"
+    rows = archive.index.conn.execute("SELECT path FROM instances ORDER BY id LIMIT 2").fetchall()
+    damaged, missing = (archive.store.abspath(r[0]) for r in rows)
+    data = bytearray(damaged.read_bytes())
+    data[-3] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    missing.unlink()
+    no_repair = cfg.from_mapping({"storage": {"data_dir": str(config.data_dir)}})
+    run = run_job("scrub", no_repair, archive)
+    assert run["outcome"] == "problems"
+    assert (run["figures"]["damaged"], run["figures"]["missing"], run["figures"]["repaired"]) == (1, 1, 0)
+    states = dict(archive.index.conn.execute("SELECT state, count(*) FROM instances GROUP BY state").fetchall())
+    assert states == {"ok": 8, "damaged": 1, "missing": 1}
+    run = run_job("scrub", config, archive)  # with the backup target: both put back
+    assert run["outcome"] == "ok" and run["figures"]["repaired"] == 2
+    assert missing.exists() and bytes(data) != damaged.read_bytes()
+    states = dict(archive.index.conn.execute("SELECT state, count(*) FROM instances GROUP BY state").fetchall())
+    assert states == {"ok": 10}
