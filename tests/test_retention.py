@@ -129,3 +129,21 @@ def test_scrub_finds_damage_and_repairs_from_the_backup(box):
     assert missing.exists() and bytes(data) != damaged.read_bytes()
     states = dict(archive.index.conn.execute("SELECT state, count(*) FROM instances GROUP BY state").fetchall())
     assert states == {"ok": 10}
+
+
+def test_schedules_keep_crontab_weekdays_and_bad_ones_are_refused():
+    """APScheduler 3 counts weekday numbers from Monday; ours keep crontab's (0 and 7 = Sunday)."""
+    from datetime import datetime, timezone
+
+    from clinicbox.jobs.scheduler import trigger_for
+
+    monday = datetime(2026, 11, 23, tzinfo=timezone.utc)
+    fire = lambda e: trigger_for(e, timezone.utc).get_next_fire_time(None, monday)  # noqa: E731
+    assert fire("30 4 * * 0").strftime("%a %H:%M") == "Sun 04:30"
+    assert fire("30 4 * * 7").strftime("%a") == "Sun"
+    assert fire("0 3 * * 6-7").strftime("%a") == "Sat"
+    assert fire("0 3 * * 2").strftime("%a") == "Tue"
+    for bad in ("61 3 * * *", "0 25 * * *", "0 3 * * mon-xyz", "0 3 * *"):
+        with pytest.raises(cfg.ConfigError) as exc:
+            cfg.from_mapping({"jobs": {"backup": bad}})
+        assert exc.value.key == "jobs.backup"

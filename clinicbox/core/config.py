@@ -247,7 +247,34 @@ def from_mapping(data: dict[str, Any]) -> Config:
     return cfg
 
 
-_CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,\-?]+$")
+_CRON_NAMES = {
+    "month": {m: i for i, m in enumerate(("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct",
+                                          "nov", "dec"), start=1)},
+    "weekday": {d: i for i, d in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))},
+}
+_CRON_RANGES = (("second", 0, 59), ("minute", 0, 59), ("hour", 0, 23), ("day", 1, 31), ("month", 1, 12),
+                ("weekday", 0, 7))
+
+
+def _cron_problem(expression: str) -> str | None:
+    """What is wrong with a cron expression (5 fields, or 6 with seconds first), or None."""
+    fields_ = expression.split()
+    if len(fields_) not in (5, 6):
+        return "needs 5 fields: minute hour day month weekday"
+    ranges = _CRON_RANGES if len(fields_) == 6 else _CRON_RANGES[1:]
+    for text, (name, low, high) in zip(fields_, ranges):
+        names = _CRON_NAMES.get(name, {})
+        for part in text.lower().split(","):
+            spec, _, step = part.partition("/")
+            if step and not (step.isdigit() and int(step) > 0):
+                return f"{name}: step {step!r} is not a positive number"
+            if spec in ("*", "?"):
+                continue
+            for bound in spec.split("-", 1):
+                value = names.get(bound, int(bound) if bound.isdigit() else None)
+                if value is None or not low <= value <= high:
+                    return f"{name}: {bound!r} is not in {low}-{high}"
+    return None
 
 
 def _validate_schedules(cfg: "Config") -> None:
@@ -256,11 +283,9 @@ def _validate_schedules(cfg: "Config") -> None:
         expression = getattr(cfg.jobs, name)
         if not expression:
             continue
-        fields_ = expression.split()
-        if len(fields_) not in (5, 6):
-            raise ConfigError(f"jobs.{name}", f"{expression!r} is not a cron expression (minute hour day month weekday)")
-        if not all(_CRON_FIELD.match(f) for f in fields_):
-            raise ConfigError(f"jobs.{name}", f"{expression!r} is not a cron expression (minute hour day month weekday)")
+        problem = _cron_problem(expression)
+        if problem:
+            raise ConfigError(f"jobs.{name}", f"{expression!r} is not a cron schedule ({problem})")
 
 
 def load(path: str | os.PathLike | None = None) -> Config:

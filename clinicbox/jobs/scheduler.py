@@ -33,13 +33,45 @@ def schedules(config: Config) -> dict[str, str]:
     return plan
 
 
-def trigger_for(expression: str) -> CronTrigger:
-    """A cron trigger from ``"m h dom mon dow"`` (or six fields with seconds first)."""
+_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def _weekdays(field: str) -> str:
+    """A crontab weekday field (0 or 7 = Sunday, names too) as APScheduler day names.
+
+    APScheduler 3 reads weekday *numbers* with 0 = Monday, even in ``from_crontab``: "30 4 * * 0"
+    would run on Mondays.  Spelling the days out keeps crontab's meaning.
+    """
+    if field in ("*", "?"):
+        return "*"
+    days: set[int] = set()
+    for part in field.lower().split(","):
+        spec, _, step = part.partition("/")
+        lo, _, hi = spec.partition("-")
+
+        def num(t: str) -> int:
+            return _DAYS.index(t[:3]) if t[:3] in _DAYS else int(t) % 7
+
+        if spec in ("*", "?"):
+            first, last = 0, 6
+        else:
+            first = num(lo)
+            last = num(hi) if hi else (6 if step else first)
+            if hi and hi.strip() == "7":
+                last = 7
+        values = list(range(first, last + 1)) if last >= first else list(range(first, 7)) + list(range(0, last + 1))
+        days.update(v % 7 for v in values[::int(step) if step else 1])
+    return ",".join(_DAYS[d] for d in sorted(days))
+
+
+def trigger_for(expression: str, timezone=None) -> CronTrigger:
+    """A cron trigger from ``"m h dom mon dow"`` (or six fields with seconds first), crontab meaning."""
     fields = expression.split()
-    if len(fields) == 6:
-        second, minute, hour, day, month, dow = fields
-        return CronTrigger(second=second, minute=minute, hour=hour, day=day, month=month, day_of_week=dow)
-    return CronTrigger.from_crontab(expression)
+    if len(fields) == 5:
+        fields = ["0", *fields]
+    second, minute, hour, day, month, dow = fields
+    return CronTrigger(second=second, minute=minute, hour=hour, day=day, month=month,
+                       day_of_week=_weekdays(dow), timezone=timezone)
 
 
 def _previous_fire(trigger: CronTrigger, now: datetime) -> datetime | None:
@@ -71,7 +103,7 @@ class Scheduler:
         triggers = {}
         for name, expression in plan.items():
             try:
-                triggers[name] = trigger_for(expression)
+                triggers[name] = trigger_for(expression, self._scheduler.timezone)
             except ValueError as exc:
                 raise ConfigError(f"jobs.{name.replace('-', '_')}", f"{expression!r}: {exc}") from None
         for name, expression in plan.items():
