@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from clinicbox.archive.files import fsync_dir
-from clinicbox.archive.index import INDEX_FILE
+from clinicbox.archive.index import INDEX_FILE, delete_instance
 from clinicbox.archive.parse import dataset_offset
 
 log = logging.getLogger(__name__)
@@ -105,12 +105,15 @@ def _snapshot(db_path: Path, dest: Path) -> None:
         conn.close()
 
 
-def _file_digest_copy(src: Path, dest: Path) -> tuple[str, int]:
-    """Copy ``src`` to ``dest`` (via a temporary name) hashing the data set part; (sha256, size)."""
-    tmp = dest.with_name(dest.name + ".part")
+def _file_digest_copy(src: Path, dest: Path, *, fsync: bool = False) -> tuple[str, int]:
+    """Copy ``src`` to ``dest`` hashing the data set part; (sha256, size).
+
+    Written straight to its name: a copy cut short is in no manifest, so the next backup copies it
+    again (only files a finished backup lists are ever reused).
+    """
     h = hashlib.sha256()
     size = 0
-    with open(src, "rb") as fin, open(tmp, "wb") as fout:
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
         offset = dataset_offset(fin)
         fin.seek(0)
         head = fin.read(offset)
@@ -120,8 +123,23 @@ def _file_digest_copy(src: Path, dest: Path) -> tuple[str, int]:
             h.update(chunk)
             fout.write(chunk)
             size += len(chunk)
-    os.replace(tmp, dest)
+        if fsync:
+            fout.flush()
+            os.fsync(fout.fileno())
     return h.hexdigest(), size
+
+
+def _pool_sizes(pool: Path) -> dict[str, int]:
+    """relpath -> size of every file in the pool, one directory listing per fan-out folder."""
+    sizes = {}
+    if not pool.is_dir():
+        return sizes
+    for fan in os.scandir(pool):
+        if fan.is_dir():
+            for entry in os.scandir(fan.path):
+                if entry.is_file():
+                    sizes[f"objects/{fan.name}/{entry.name}"] = entry.stat().st_size
+    return sizes
 
 
 def _file_digest(path: Path) -> str:
@@ -158,22 +176,25 @@ def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2
     finally:
         snap.close()
     previous = _latest_manifest_objects(root)
+    in_pool = _pool_sizes(pool)
     result = BackupResult(backup_id, bdir, instances=len(rows))
     todo = []
     for relpath, size, sha in rows:
-        dest = root / relpath
-        if previous.get(relpath) == sha and dest.is_file() and dest.stat().st_size == size:
+        if previous.get(relpath) == sha and in_pool.get(relpath) == size:
             result.reused += 1
         else:
             todo.append((relpath, size, sha))
+    for parent in {str(Path(r[0]).parent) for r in todo}:
+        (root / parent).mkdir(parents=True, exist_ok=True)
     errors = []
+    # a few files: fsync each; many: one sync of everything is cheaper than thousands of fsyncs
+    per_file_fsync = len(todo) <= 256
 
     def copy(item):
         relpath, _size, sha = item
         dest = root / relpath
-        dest.parent.mkdir(parents=True, exist_ok=True)
         try:
-            digest, nbytes = _file_digest_copy(data_dir / relpath, dest)
+            digest, nbytes = _file_digest_copy(data_dir / relpath, dest, fsync=per_file_fsync)
         except FileNotFoundError:
             return relpath, "missing from the data dir", 0
         except OSError as exc:
@@ -190,13 +211,47 @@ def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2
             else:
                 result.copied += 1
                 result.copied_bytes += nbytes
+    gone = [p for p, e in errors if e == "missing from the data dir"]
+    if gone:
+        # replaced or deleted after the snapshot (a re-send under duplicate_policy = replace, retention):
+        # no longer part of the archive, so not part of this backup either
+        live = sqlite3.connect(f"file:{data_dir / INDEX_FILE}?mode=ro", uri=True, timeout=60)
+        try:
+            still = {p for p in gone if live.execute("SELECT 1 FROM instances WHERE path=?", (p,)).fetchone()}
+        finally:
+            live.close()
+        dropped = set(gone) - still
+        if dropped:
+            snap = sqlite3.connect(bdir / INDEX_FILE)
+            try:
+                with snap:
+                    for p in dropped:
+                        row = snap.execute("SELECT sop_instance_uid FROM instances WHERE path=?", (p,)).fetchone()
+                        if row:
+                            delete_instance(snap, row[0])
+                    counts = {t: snap.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                              for t in ("patients", "studies", "series", "instances")}
+            finally:
+                snap.close()
+            rows = [r for r in rows if r[0] not in dropped]
+            result.instances = len(rows)
+            errors = [(p, e) for p, e in errors if p not in dropped]
+            log.info("backup %s: %d instance(s) replaced or deleted since the snapshot, left out", backup_id,
+                     len(dropped))
     if errors:
         full = any("No space" in e for _p, e in errors)
         shutil.rmtree(bdir, ignore_errors=True)
         first = errors[0]
         raise BackupError(("backup target is full: " if full else "")
                           + f"{len(errors)} object(s) not backed up, e.g. {first[0]}: {first[1]}")
-    os.sync()  # the copies and the snapshot on disk before the manifest says the backup exists
+    # the copies and the snapshot on disk before the manifest says the backup exists
+    if per_file_fsync:
+        with open(bdir / INDEX_FILE, "rb+") as fh:
+            os.fsync(fh.fileno())
+        for parent in {str(Path(r[0]).parent) for r in todo} | {str(bdir.relative_to(root))}:
+            fsync_dir(root / parent)
+    else:
+        os.sync()
     manifest = {"id": backup_id, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "data_dir": str(data_dir.resolve()), **counts, "bytes": sum(r[1] for r in rows),
                 "copied": result.copied, "copied_bytes": result.copied_bytes, "reused": result.reused,
@@ -209,7 +264,7 @@ def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2
         os.fsync(fh.fileno())
     os.replace(tmp, bdir / MANIFEST)
     fsync_dir(bdir)
-    result.pruned = prune(target, keep)
+    result.pruned = prune(target, keep, sweep=len(list_backups(target)) > keep)
     result.seconds = time.monotonic() - started
     log.info("backup %s: %d instances, %d copied (%.1f MB), %d already in the pool, %.2f s", backup_id,
              result.instances, result.copied, result.copied_bytes / 1e6, result.reused, result.seconds)
@@ -227,8 +282,9 @@ def _latest_manifest_objects(root: Path) -> dict[str, str]:
     return {o["path"]: o["sha256"] for o in _manifest(Path(backups[-1]["path"]))["objects"]}
 
 
-def prune(target: Path, keep: int) -> list[str]:
-    """Remove finished backups beyond the newest ``keep``, unfinished ones, and unreferenced pool files."""
+def prune(target: Path, keep: int, sweep: bool = True) -> list[str]:
+    """Remove finished backups beyond the newest ``keep``, unfinished ones, and (``sweep``, or when a
+    backup was removed) pool files no kept backup names."""
     root = _root(target)
     base = root / "backups"
     finished = list_backups(target)
@@ -239,17 +295,17 @@ def prune(target: Path, keep: int) -> list[str]:
     kept = {b["path"] for b in finished[-keep:]} if keep > 0 else {b["path"] for b in finished}
     for d in base.iterdir() if base.is_dir() else []:
         if str(d) not in kept and not (d / MANIFEST).exists() and d.name not in removed:
-            # unfinished (killed mid-backup) and older than a day, or not the one being written now
+            # unfinished (killed mid-backup), and older than an hour: not one being written now
             if time.time() - d.stat().st_mtime > 3600:
                 shutil.rmtree(d, ignore_errors=True)
+    if not (sweep or removed) or not kept:
+        return removed
     referenced = set()
     for path in kept:
         referenced.update(o["path"] for o in _manifest(Path(path))["objects"])
-    pool = root / "objects"
-    if referenced or kept:
-        for f in pool.rglob("*"):
-            if f.is_file() and str(f.relative_to(root)) not in referenced:
-                f.unlink(missing_ok=True)
+    for relpath in _pool_sizes(root / "objects"):
+        if relpath not in referenced:
+            (root / relpath).unlink(missing_ok=True)
     return removed
 
 

@@ -117,9 +117,22 @@ JOBS: dict[str, Job] = {
 
 
 def open_jobs(archive: Archive) -> None:
+    """Migrations; runs left 'running' by a process that died (kill -9, power cut) marked interrupted."""
     applied = idx.migrate(archive.db_path, migrations)
     if applied:
         log.info("jobs: applied migrations %s", ", ".join(applied))
+    stale = [r["job"] for r in archive.index.conn.execute(
+        "SELECT DISTINCT job FROM job_runs WHERE outcome = 'running'")]
+    for job in stale:
+        with open(archive.store.root / f"job-{job}.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # running right now, in another process
+            archive.writer.call(lambda conn, job=job: conn.execute(
+                "UPDATE job_runs SET outcome='failed', ended_at=?, error='interrupted (the process ended mid-run)'"
+                " WHERE job=? AND outcome='running'", (idx.utcnow(), job)))
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def run_job(name: str, config: Config, archive: Archive, *, trigger: str = "manual") -> dict:

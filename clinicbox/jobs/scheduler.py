@@ -78,8 +78,9 @@ def _previous_fire(trigger: CronTrigger, now: datetime) -> datetime | None:
     """The last time the schedule fired before ``now`` (searched back up to ~a year)."""
     from datetime import timedelta
 
-    for days in (1, 8, 32, 370):
-        start = now - timedelta(days=days)
+    for window in (timedelta(minutes=2), timedelta(hours=2), timedelta(days=1), timedelta(days=8),
+                   timedelta(days=32), timedelta(days=370)):
+        start = now - window
         t = trigger.get_next_fire_time(None, start)
         last = None
         while t is not None and t <= now:

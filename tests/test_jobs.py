@@ -1,0 +1,549 @@
+"""The jobs room: backup (full, incremental, while receiving, killed), verify, restore, prune, the job
+runner's records and lock, the schedule inside ``clinicbox serve`` (every second; a missed run at start)."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from clinicbox.archive.ingest import Archive
+from clinicbox.core.config import BackupSettings, Config, StorageSettings
+from clinicbox.jobs import backup as bk
+from clinicbox.jobs.backup import (
+    BackupError,
+    list_backups,
+    prune,
+    restore,
+    run_backup,
+    verify_backup,
+)
+from clinicbox.jobs.runner import history, last_ok, open_jobs, run_job
+from tests.support.peers import REPO, ClinicBox, dcmtk
+from tests.support.synth import ORG_ROOT, ct_dataset, write_ct_series
+
+INDEX = "index.sqlite3"
+TABLES = ("patients", "studies", "series", "instances")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def index_rows(data_dir: Path) -> dict[str, str]:
+    """sop_instance_uid -> path of every ok instance in a data dir's (or snapshot's) index."""
+    db = Path(data_dir) / INDEX if Path(data_dir).is_dir() else Path(data_dir)
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return dict(conn.execute("SELECT sop_instance_uid, path FROM instances WHERE state='ok'").fetchall())
+    finally:
+        conn.close()
+
+
+def index_counts(data_dir: Path) -> dict[str, int]:
+    db = Path(data_dir) / INDEX if Path(data_dir).is_dir() else Path(data_dir)
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
+    finally:
+        conn.close()
+
+
+def file_hashes(data_dir: Path) -> dict[str, str]:
+    """sop_instance_uid -> SHA-256 of the whole stored file."""
+    return {uid: sha(Path(data_dir) / p) for uid, p in index_rows(data_dir).items()}
+
+
+def source_hashes(files) -> dict[str, str]:
+    out = {}
+    for f in files:
+        uid = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
+        out[uid] = sha(f)
+    return out
+
+
+def run_cli(*args, check=False, timeout=120) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "CLINICBOX_CONFIG"}
+    return subprocess.run([sys.executable, "-m", "clinicbox", *map(str, args)], capture_output=True, text=True,
+                          check=check, env=env, cwd=REPO, timeout=timeout)
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def pool_files(target: Path) -> set[str]:
+    root = Path(target) / bk.ROOT
+    return {str(f.relative_to(root)) for f in (root / "objects").rglob("*") if f.is_file()}
+
+
+def manifest(target: Path, backup_id: str) -> dict:
+    return json.loads((Path(target) / bk.ROOT / "backups" / backup_id / bk.MANIFEST).read_text())
+
+
+@pytest.fixture
+def archive(tmp_path):
+    a = Archive(StorageSettings(data_dir=str(tmp_path / "data")))
+    a.open()
+    open_jobs(a)
+    yield a
+    a.close()
+
+
+def store_series(archive: Archive, folder: Path, count: int, **kw) -> list[Path]:
+    files = write_ct_series(folder, count, rows=16, cols=16, **kw)
+    for f in files:
+        archive.store_file(f)
+    return files
+
+
+# ----------------------------------------------------------------- 1. the job functions on a small archive
+
+
+def test_full_then_incremental_backup_verify_and_restore(archive, tmp_path):
+    data = archive.store.root
+    target = tmp_path / "usb"
+    target.mkdir()
+    first = store_series(archive, tmp_path / "src1", 20, patient_id="BK1")
+    originals = source_hashes(first)
+
+    r1 = run_backup(data, target)
+    assert (r1.instances, r1.copied, r1.reused, r1.pruned) == (20, 20, 0, [])
+    assert r1.copied_bytes == sum((data / p).stat().st_size for p in index_rows(data).values())
+    at_first = {"counts": index_counts(data), "hashes": file_hashes(data)}
+    assert at_first["hashes"] == originals, "the archive keeps the received bytes"
+
+    more = store_series(archive, tmp_path / "src2", 5, patient_id="BK2")
+    originals2 = originals | source_hashes(more)
+    r2 = run_backup(data, target)
+    assert (r2.instances, r2.copied, r2.reused) == (25, 5, 20), r2.figures()
+    assert set(r2.figures()) >= {"backup", "instances", "copied", "copied_bytes", "reused", "seconds", "pruned"}
+    assert [b["id"] for b in list_backups(target)] == [r1.backup_id, r2.backup_id]
+
+    for b in (r1.backup_id, r2.backup_id, None):
+        v = verify_backup(target, b)
+        assert v["ok"], v
+    assert verify_backup(target)["backup"] == r2.backup_id
+
+    # the first backup restores exactly the archive as it was then, byte for byte
+    new = tmp_path / "restored1"
+    res = restore(target, r1.backup_id, new)
+    assert res["restored"] == res["instances"] == 20
+    assert index_counts(new) == at_first["counts"]
+    assert file_hashes(new) == originals
+    # and the second one the archive with the five newer instances
+    new2 = tmp_path / "restored2"
+    restore(target, "latest", new2)
+    assert index_counts(new2) == index_counts(data)
+    assert file_hashes(new2) == originals2
+
+    # the restored data dir is a working one
+    restored = Archive(StorageSettings(data_dir=str(new2)))
+    restored.open()
+    try:
+        assert restored.index.counts()["instances"] == 25
+    finally:
+        restored.close()
+
+    # a non-empty folder is never restored into
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    with pytest.raises(BackupError, match="not empty"):
+        restore(target, "latest", busy)
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+    with pytest.raises(BackupError, match="not empty"):
+        restore(target, "latest", data)
+    with pytest.raises(BackupError, match="no backup"):
+        restore(target, "19990101", tmp_path / "nope")
+
+
+def test_prune_keeps_newest_and_removes_pool_files_only_the_pruned_backup_named(tmp_path):
+    a = Archive(StorageSettings(data_dir=str(tmp_path / "data"), duplicate_policy="replace"))
+    a.open()
+    try:
+        data = a.store.root
+        target = tmp_path / "nas"
+        target.mkdir()
+        store_series(a, tmp_path / "src", 6, patient_id="PR1")
+        # one instance whose first version only the first backup holds: replaced by new content afterwards
+        study, series = pydicom.uid.generate_uid(prefix=ORG_ROOT), pydicom.uid.generate_uid(prefix=ORG_ROOT)
+        ds = ct_dataset(study, series, 1, rows=16, cols=16, patient_id="PR2", seed=1)
+        v1 = tmp_path / "v1.dcm"
+        ds.save_as(v1, enforce_file_format=True)
+        a.store_file(v1)
+        r1 = run_backup(data, target, keep=2)
+        only_first = {o["path"] for o in manifest(target, r1.backup_id)["objects"]}
+
+        ds.PixelData = bytes(len(ds.PixelData))  # same UID, other content
+        v2 = tmp_path / "v2.dcm"
+        ds.save_as(v2, enforce_file_format=True)
+        a.store_file(v2)
+        r2 = run_backup(data, target, keep=2)
+        store_series(a, tmp_path / "src3", 2, patient_id="PR3")
+        named_2 = {o["path"] for o in manifest(target, r2.backup_id)["objects"]}
+        only_first -= named_2
+        assert len(only_first) == 1, "the replaced instance's old file is named by the first backup only"
+        assert only_first <= pool_files(target)
+
+        r3 = run_backup(data, target, keep=2)
+        assert r3.pruned == [r1.backup_id]
+        assert [b["id"] for b in list_backups(target)] == [r2.backup_id, r3.backup_id]
+        assert not (target / bk.ROOT / "backups" / r1.backup_id).exists()
+        named_3 = {o["path"] for o in manifest(target, r3.backup_id)["objects"]}
+        assert pool_files(target) == named_2 | named_3, "exactly the files the kept backups name"
+        assert not only_first & pool_files(target)
+        for b in (r2.backup_id, r3.backup_id):
+            assert verify_backup(target, b)["ok"]
+        # prune() on its own is idempotent
+        assert prune(target, 2) == []
+        assert len(list_backups(target)) == 2
+    finally:
+        a.close()
+
+
+def test_verify_reports_a_corrupted_and_a_missing_pool_file(archive, tmp_path):
+    target = tmp_path / "usb"
+    target.mkdir()
+    store_series(archive, tmp_path / "src", 8)
+    r = run_backup(archive.store.root, target)
+    objects = manifest(target, r.backup_id)["objects"]
+    root = target / bk.ROOT
+    bad = root / objects[0]["path"]
+    raw = bytearray(bad.read_bytes())
+    raw[-3] ^= 0xFF  # one pixel byte: the size stays the same
+    bad.write_bytes(bytes(raw))
+    gone = root / objects[1]["path"]
+    gone.unlink()
+
+    v = verify_backup(target)
+    assert v["ok"] is False
+    assert v["problem_count"] == 2
+    assert any(objects[0]["path"] in p and "checksum" in p for p in v["problems"]), v["problems"]
+    assert any(objects[1]["path"] in p and "missing" in p for p in v["problems"]), v["problems"]
+
+    # the CLI says so with a non-zero exit
+    r = run_cli("backup", "verify", "--to", target, "--data-dir", archive.store.root)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert json.loads(r.stdout)["ok"] is False
+
+
+def test_missing_target_is_a_clear_backup_error(archive, tmp_path):
+    store_series(archive, tmp_path / "src", 2)
+    absent = tmp_path / "unplugged-usb"
+    with pytest.raises(BackupError, match="does not exist or is not mounted") as exc:
+        run_backup(archive.store.root, absent)
+    assert str(absent) in str(exc.value)
+    assert "\n" not in str(exc.value)
+    assert not absent.exists(), "a missing mount point is not created (that would fill the root disk)"
+    with pytest.raises(BackupError, match="no finished backup"):
+        verify_backup(tmp_path)
+
+
+def test_run_job_records_ok_failed_and_skipped_runs(archive, tmp_path):
+    target = tmp_path / "usb"
+    target.mkdir()
+    store_series(archive, tmp_path / "src", 3)
+    config = Config(storage=archive.settings, backup=BackupSettings(target=str(target), keep=3))
+
+    ok = run_job("backup", config, archive)
+    assert ok["outcome"] == "ok" and ok["figures"]["instances"] == 3 and ok["figures"]["copied"] == 3, ok
+
+    no_target = Config(storage=archive.settings)
+    failed = run_job("backup", no_target, archive, trigger="schedule")
+    assert failed["outcome"] == "failed"
+    assert "no backup target" in failed["error"]
+
+    # a run while another holds the job's lock is recorded as skipped, and does nothing
+    with open(archive.store.root / "job-backup.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        skipped = run_job("backup", config, archive, trigger="schedule")
+    assert skipped["outcome"] == "skipped", skipped
+    assert len(list_backups(target)) == 1
+
+    rt = run_job("restore-test", config, archive)
+    assert rt["outcome"] == "ok" and rt["figures"]["verified"] is True, rt
+
+    runs = history(archive, "backup")
+    assert [(r["outcome"], r["trigger"]) for r in runs] == [("skipped", "schedule"), ("failed", "schedule"),
+                                                           ("ok", "manual")]
+    assert runs[1]["error"] == failed["error"]
+    assert runs[2]["figures"]["backup"] == ok["figures"]["backup"]
+    assert all(r["ended_at"] and r["ended_at"] >= r["started_at"] for r in runs)
+    assert last_ok(archive, "backup")["started_at"] == ok["started_at"]
+    assert last_ok(archive, "restore-test") is not None
+    assert [r["job"] for r in history(archive)] == ["restore-test", "backup", "backup", "backup"]
+    with pytest.raises(KeyError):
+        run_job("defrag", config, archive)
+
+
+# -------------------------------------------------------------- 2. a backup while C-STOREs are arriving
+
+
+def test_backup_while_receiving_holds_everything_acknowledged_before_it(tmp_path):
+    storescu = dcmtk("storescu")
+    target = tmp_path / "usb"
+    target.mkdir()
+    batches = [write_ct_series(tmp_path / f"in{i}", 30, rows=64, cols=64, patient_id=f"LIVE{i}") for i in range(5)]
+    sent = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: bk._file_digest(f)
+            for b in batches for f in b}  # the data set part (the SCP writes its own file meta)
+    box = ClinicBox(tmp_path / "data")
+    box.start()
+    errors = []
+
+    def send():
+        for b in batches:
+            r = subprocess.run([storescu, "-aec", "CLINICBOX", "127.0.0.1", str(box.port), *map(str, b)],
+                               check=False, capture_output=True, text=True, env={**os.environ, "TCP_NODELAY": "1"})
+            if r.returncode != 0:
+                errors.append(r.stderr)
+
+    sender = threading.Thread(target=send)
+    try:
+        sender.start()
+        deadline = time.monotonic() + 60
+        while len(index_rows(box.data_dir)) < 30 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        before = set(index_rows(box.data_dir))  # all acknowledged: committed before the answer is sent
+        r = box.cli("backup", "run", "--to", str(target), check=False)
+        after = set(index_rows(box.data_dir))
+        sender.join(120)
+        assert r.returncode == 0, r.stderr + box.log()[-2000:]
+        assert not errors, errors
+    finally:
+        sender.join(120)
+        box.stop()
+
+    (b,) = list_backups(target)
+    in_backup = set(index_rows(target / bk.ROOT / "backups" / b["id"] / INDEX))
+    assert before <= in_backup <= after, (len(before), len(in_backup), len(after))
+    assert len(before) <= b["instances"] <= len(after)
+    assert b["instances"] == len(in_backup) == len(manifest(target, b["id"])["objects"])
+    print(f"backup while receiving: {len(before)} before, {b['instances']} in the backup, {len(after)} after, "
+          f"{len(sent)} sent")
+
+    v = run_cli("backup", "verify", "--to", target, "--data-dir", box.data_dir)
+    assert v.returncode == 0, v.stdout + v.stderr
+    assert json.loads(v.stdout)["ok"] is True
+
+    new = tmp_path / "restored"
+    r = run_cli("restore", b["id"], "--from", target, "--data-dir", new)
+    assert r.returncode == 0, r.stderr
+    restored = file_hashes(new)
+    assert set(restored) == in_backup
+    live = file_hashes(box.data_dir)
+    assert all(restored[uid] == live[uid] for uid in restored), "restored files equal the archive's"
+    rows = index_rows(new)
+    assert all(bk._file_digest(new / rows[uid]) == sent[uid] for uid in restored), "data sets equal what was sent"
+    counts = index_counts(new)
+    assert counts["instances"] == b["instances"]
+    assert counts["studies"] == b["studies"]
+
+
+# ----------------------------------------------------------------------------- 3. kill -9 during a backup
+
+
+def test_backup_killed_midway_leaves_no_listed_backup_and_the_next_one_works(tmp_path):
+    data = tmp_path / "data"
+    target = tmp_path / "usb"
+    target.mkdir()
+    a = Archive(StorageSettings(data_dir=str(data)))
+    a.open()
+    try:
+        for i in range(3):
+            for f in write_ct_series(tmp_path / f"src{i}", 40, rows=512, cols=512, patient_id=f"BIG{i}"):
+                a.store_file(f)
+                f.unlink()
+    finally:
+        a.close()
+    config = write_config(tmp_path / "box.toml", f'[backup]\ntarget = "{target}"\n')
+    env = {k: v for k, v in os.environ.items() if k != "CLINICBOX_CONFIG"}
+    proc = subprocess.Popen([sys.executable, "-m", "clinicbox", "jobs", "run", "backup", "--config", str(config),
+                             "--data-dir", str(data)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    backups = target / bk.ROOT / "backups"
+    pool = target / bk.ROOT / "objects"
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if backups.is_dir() and any(backups.iterdir()) and pool.is_dir() and any(pool.rglob("*.dcm*")):
+                break
+            time.sleep(0.002)
+        assert proc.poll() is None, "the backup finished before it could be killed: make the archive bigger"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.communicate()
+    (killed,) = list(backups.iterdir())
+    print(f"killed with {len(list(pool.rglob('*.dcm')))} of 120 objects in the pool")
+    assert not (killed / bk.MANIFEST).exists(), "killed after the manifest: not mid-way"
+    assert run_cli("backup", "list", "--json", "--config", config, "--data-dir", data, check=True).stdout.strip() \
+        == "[]"
+
+    r = run_cli("backup", "run", "--config", config, "--data-dir", data)
+    assert r.returncode == 0, r.stderr
+    listed = json.loads(run_cli("backup", "list", "--json", "--config", config, "--data-dir", data,
+                                check=True).stdout)
+    assert len(listed) == 1 and listed[0]["id"] != killed.name and listed[0]["instances"] == 120
+    v = run_cli("backup", "verify", "--config", config, "--data-dir", data)
+    assert v.returncode == 0, v.stdout + v.stderr
+
+    runs = json.loads(run_cli("jobs", "history", "--json", "--config", config, "--data-dir", data,
+                              check=True).stdout)
+    assert runs[0]["outcome"] == "ok"  # the killed run stays 'running' (its process is gone)
+
+    new = tmp_path / "restored"
+    r = run_cli("restore", "latest", "--from", target, "--data-dir", new)
+    assert r.returncode == 0, r.stderr
+    assert index_counts(new) == index_counts(data)
+    assert file_hashes(new) == file_hashes(data)
+    s = json.loads(run_cli("status", "--json", "--data-dir", new, check=True).stdout)
+    assert s["instances"] == 120
+
+
+# ------------------------------------------------------------------------------- 4./5. the schedule in serve
+
+
+def test_serve_runs_a_one_second_schedule_without_overlap(tmp_path):
+    target = tmp_path / "usb"
+    target.mkdir()
+    data = tmp_path / "data"
+    a = Archive(StorageSettings(data_dir=str(data)))
+    a.open()
+    try:
+        store_series(a, tmp_path / "src", 10)
+    finally:
+        a.close()
+    config = write_config(tmp_path / "box.toml", f'[backup]\ntarget = "{target}"\nkeep = 3\n\n'
+                                                 '[jobs]\nbackup = "*/1 * * * * *"\nrestore_test = ""\n')
+    box = ClinicBox(data, config=config)
+    box.start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            runs = json.loads(box.cli("jobs", "history", "--job", "backup", "--json", "--config",
+                                      str(config)).stdout)
+            if sum(r["trigger"] == "schedule" and r["outcome"] == "ok" for r in runs) >= 3:
+                break
+            time.sleep(0.5)
+    finally:
+        rc = box.stop()
+    assert rc == 0, box.log()[-3000:]
+    everything = json.loads(box.cli("jobs", "history", "--json", "--config", str(config)).stdout)
+    assert "restore-test" not in {r["job"] for r in everything}, "restore_test = '' is not scheduled"
+    runs = [r for r in everything if r["job"] == "backup"]
+    scheduled = [r for r in runs if r["trigger"] == "schedule" and r["outcome"] == "ok"]
+    assert len(scheduled) >= 2, runs
+    assert not [r for r in runs if r["outcome"] in ("failed", "running")], runs
+    worked = sorted((r for r in runs if r["outcome"] == "ok"), key=lambda r: r["started_at"])
+    for prev, cur in itertools.pairwise(worked):
+        assert cur["started_at"] >= prev["ended_at"], f"overlapping runs: {prev} {cur}"
+    assert len(list_backups(target)) <= 3, "keep = 3"
+    assert verify_backup(target)["ok"]
+
+    status = json.loads(box.cli("status", "--json", "--config", str(config)).stdout)
+    assert status["last_backup"] == worked[-1]["started_at"]
+    assert status["backup_target"] == str(target)
+    assert status["last_verified_restore"] is None
+
+
+def test_serve_runs_a_missed_backup_once_at_start(tmp_path):
+    target = tmp_path / "usb"
+    target.mkdir()
+    config = write_config(tmp_path / "box.toml", f'[backup]\ntarget = "{target}"\n\n'
+                                                 '[jobs]\nbackup = "0 3 * * *"\nrestore_test = ""\n')
+    box = ClinicBox(tmp_path / "data", config=config)
+
+    def runs():
+        return json.loads(box.cli("jobs", "history", "--job", "backup", "--json", "--config", str(config)).stdout)
+
+    box.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not [r for r in runs() if r["outcome"] != "running"]:
+            time.sleep(0.3)
+    finally:
+        box.stop()
+    got = runs()
+    assert [(r["job"], r["trigger"], r["outcome"]) for r in got] == [("backup", "missed", "ok")], \
+        f"{got}\n{box.log()[-3000:]}"
+    assert len(list_backups(target)) == 1
+
+    # started again: the last run is newer than the schedule's previous time, nothing is missed
+    box.start()
+    try:
+        time.sleep(2)
+    finally:
+        box.stop()
+    assert len(runs()) == 1, runs()
+
+
+# ------------------------------------------------------------------------------------ 6. config errors
+
+
+@pytest.mark.parametrize("value", ["not a cron", "0 3 * *", "61 3 * * *", "0 25 * * *", "0 3 * * mon-xyz"])
+def test_config_check_rejects_a_bad_schedule_naming_the_key(tmp_path, value):
+    path = write_config(tmp_path / "bad.toml", f'[jobs]\nbackup = "{value}"\n')
+    r = run_cli("config", "check", path)
+    assert r.returncode == 2, (value, r.stdout, r.stderr)
+    assert "jobs.backup" in r.stderr
+    assert r.stderr.strip().count("\n") == 0, "one clear line, no traceback"
+
+
+def test_config_check_accepts_good_schedules(tmp_path):
+    path = write_config(tmp_path / "good.toml", '[jobs]\nbackup = "*/1 * * * * *"\nrestore_test = ""\n'
+                                                 '\n[backup]\ntarget = "/mnt/usb"\nkeep = 2\n')
+    r = run_cli("config", "check", path)
+    assert r.returncode == 0, r.stderr
+
+
+def test_backup_survives_an_instance_replaced_between_snapshot_and_copy(tmp_path, monkeypatch):
+    """The service keeps receiving during a backup: with duplicate_policy = replace a resent instance's
+    old file is removed right after its replacement is committed.  A backup whose snapshot still names
+    the old file must not fail because of it (nor hold a snapshot row without its object)."""
+    a = Archive(StorageSettings(data_dir=str(tmp_path / "data"), duplicate_policy="replace"))
+    a.open()
+    try:
+        data = a.store.root
+        target = tmp_path / "usb"
+        target.mkdir()
+        store_series(a, tmp_path / "src", 4, patient_id="RACE1")
+        study, series = pydicom.uid.generate_uid(prefix=ORG_ROOT), pydicom.uid.generate_uid(prefix=ORG_ROOT)
+        ds = ct_dataset(study, series, 1, rows=16, cols=16, patient_id="RACE2", seed=7)
+        v1 = tmp_path / "v1.dcm"
+        ds.save_as(v1, enforce_file_format=True)
+        a.store_file(v1)
+        ds.PixelData = bytes(len(ds.PixelData))
+        v2 = tmp_path / "v2.dcm"
+        ds.save_as(v2, enforce_file_format=True)
+
+        real_snapshot = bk._snapshot
+
+        def snapshot_then_replace(db_path, dest):
+            real_snapshot(db_path, dest)
+            a.store_file(v2)  # acknowledged replacement arrives while the backup copies
+
+        monkeypatch.setattr(bk, "_snapshot", snapshot_then_replace)
+        result = run_backup(data, target)  # must not raise "missing from the data dir"
+        monkeypatch.setattr(bk, "_snapshot", real_snapshot)
+        v = verify_backup(target, result.backup_id)
+        assert v["ok"], v
+        assert result.instances in (4, 5)
+    finally:
+        a.close()
