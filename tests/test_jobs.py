@@ -94,7 +94,7 @@ def pool_files(target: Path) -> set[str]:
 
 
 def manifest(target: Path, backup_id: str) -> dict:
-    return json.loads((Path(target) / bk.ROOT / "backups" / backup_id / bk.MANIFEST).read_text())
+    return bk._manifest(Path(target) / bk.ROOT / "backups" / backup_id)
 
 
 @pytest.fixture

@@ -8,10 +8,11 @@ Layout under the target folder (a mounted USB disk or NAS share)::
                                     what is new
       backups/<ID>/index.sqlite3    a consistent snapshot of the index (SQLite ``VACUUM INTO``,
                                     taken while the writer keeps committing)
-      backups/<ID>/manifest.json    what the backup holds: every object's path, size and SHA-256 (of
-                                    its data set, as recorded at ingest), counts, timings; written
-                                    last, after everything else is on disk: a backup without a
-                                    manifest is unfinished and ignored (kill -9 safe)
+      backups/<ID>/objects.json     every object's path, size and SHA-256 (of its data set, as
+                                    recorded at ingest)
+      backups/<ID>/manifest.json    counts, timings; written last, after everything else is on
+                                    disk: a backup without a manifest is unfinished and ignored
+                                    (kill -9 safe)
 
 Every instance acknowledged before the snapshot is in the backup: the snapshot is taken first, and
 its rows name the files to copy.  Each copied file's data set is hashed on the way and compared with
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 ROOT = "clinicbox-backup"
 MANIFEST = "manifest.json"
+OBJECTS = "objects.json"
 CHUNK = 1 << 20
 
 
@@ -252,17 +254,12 @@ def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2
             fsync_dir(root / parent)
     else:
         os.sync()
+    _write_json(bdir / OBJECTS, [{"path": p, "size": s, "sha256": h} for p, s, h in rows])
     manifest = {"id": backup_id, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "data_dir": str(data_dir.resolve()), **counts, "bytes": sum(r[1] for r in rows),
                 "copied": result.copied, "copied_bytes": result.copied_bytes, "reused": result.reused,
-                "seconds": round(time.monotonic() - started, 3),
-                "objects": [{"path": p, "size": s, "sha256": h} for p, s, h in rows]}
-    tmp = bdir / (MANIFEST + ".part")
-    with open(tmp, "w") as fh:
-        json.dump(manifest, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, bdir / MANIFEST)
+                "seconds": round(time.monotonic() - started, 3), "objects_file": OBJECTS}
+    _write_json(bdir / MANIFEST, manifest)  # last: from now on the backup exists
     fsync_dir(bdir)
     result.pruned = prune(target, keep, sweep=len(list_backups(target)) > keep)
     result.seconds = time.monotonic() - started
@@ -271,8 +268,21 @@ def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2
     return result
 
 
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def _manifest(bdir: Path) -> dict:
-    return json.loads((bdir / MANIFEST).read_text())
+    """A backup's manifest with its object list (kept apart, so listing backups reads little)."""
+    manifest = json.loads((bdir / MANIFEST).read_text())
+    if "objects" not in manifest:
+        manifest["objects"] = json.loads((bdir / manifest.get("objects_file", OBJECTS)).read_text())
+    return manifest
 
 
 def _latest_manifest_objects(root: Path) -> dict[str, str]:
