@@ -19,7 +19,6 @@ from __future__ import annotations
 import struct
 
 import logging
-import time
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian

@@ -23,7 +23,7 @@ from pydicom.sequence import Sequence
 
 from clinicbox.archive import encode
 from clinicbox.archive.matching import Field, condition
-from clinicbox.orders.schema import ACTIVE, IN_PROGRESS
+from clinicbox.orders.schema import IN_PROGRESS
 from clinicbox.orders.text import to_latin1
 
 LATIN1, UTF8 = "ISO_IR 100", "ISO_IR 192"
