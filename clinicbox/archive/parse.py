@@ -19,7 +19,6 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
-from pydicom.charset import convert_encodings, decode_bytes
 
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
@@ -179,6 +178,8 @@ class _Walker:
 
 
 def _decode(raw: bytes, vr: str, encodings: list[str]) -> str:
+    from pydicom.charset import decode_bytes  # here, not at import: CLI commands that never parse start faster
+
     if vr in _TEXT_VRS:
         delimiters = {0x5E, 0x3D} if vr == "PN" else set()
         text = decode_bytes(raw, encodings, delimiters)
@@ -227,6 +228,8 @@ def _walk_dataset(obj: ParsedObject, buf, start: int, end: int, syntax: str) -> 
     charset = raw_values.pop("SpecificCharacterSet", (b"", "CS"))[0].decode("ascii", "replace")
     terms = [t.strip(" \x00") for t in charset.split("\\")] if charset.strip(" \x00") else []
     try:
+        from pydicom.charset import convert_encodings
+
         encodings = convert_encodings(terms or None)
         obj.values = {kw: _decode(raw, vr, encodings) for kw, (raw, vr) in raw_values.items()}
     except Exception:  # an unknown or hostile Specific Character Set: keep the object, read text as Latin-1

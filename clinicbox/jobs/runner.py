@@ -16,21 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from sqlite_utils import Database
-from sqlite_utils.migrations import Migrations
 
 from clinicbox.archive import index as idx
+from clinicbox.archive.index import MigrationSet
 from clinicbox.archive.ingest import Archive
 from clinicbox.core.config import Config
 from clinicbox.jobs import backup
 
 log = logging.getLogger(__name__)
 
-migrations = Migrations("clinicbox.jobs")
+migrations = MigrationSet("clinicbox.jobs")
 
 
 @migrations(name="0001_job_runs")
-def _m0001(db: Database) -> None:
+def _m0001(db) -> None:
     db.executescript(
         """
         CREATE TABLE job_runs (
@@ -49,7 +48,7 @@ def _m0001(db: Database) -> None:
 
 
 @migrations(name="0002_retention")
-def _m0002(db: Database) -> None:
+def _m0002(db) -> None:
     db.executescript(
         """
         CREATE TABLE legal_holds (

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from sqlite_utils import Database
-from sqlite_utils.migrations import Migrations
+from clinicbox.archive.index import MigrationSet
 
-migrations = Migrations("clinicbox.orders")
+
+migrations = MigrationSet("clinicbox.orders")
 
 #: order and step states (PS3.4 K / F): staff cancel, MPPS moves the rest
 SCHEDULED, IN_PROGRESS, COMPLETED, DISCONTINUED, CANCELLED = (
@@ -16,7 +16,7 @@ PRIORITIES = ("STAT", "HIGH", "ROUTINE", "MEDIUM", "LOW")
 
 
 @migrations(name="0001_orders")
-def _m0001(db: Database) -> None:
+def _m0001(db) -> None:
     db.executescript(
         """
         CREATE TABLE order_patients (
