@@ -113,6 +113,19 @@ def sync() -> None:
     checked(["sync"])
 
 
+COLD = {"on": False}
+
+
+def settle() -> None:
+    """Before a timed variant: everything written out, and with --cold the page cache dropped too
+    (each variant then reads the objects from disk, as a nightly backup does)."""
+    sync()
+    if COLD["on"]:
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+        time.sleep(0.5)
+
+
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -457,7 +470,13 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="profile even if every target is met")
     ap.add_argument("--no-profile", action="store_true", help="never profile")
     ap.add_argument("--strict", action="store_true", help="exit 3 if a target is missed")
+    ap.add_argument("--cold", action="store_true",
+                    help="drop the page cache before every timed variant (needs root): objects read from disk")
     args = ap.parse_args()
+    if args.cold:
+        if not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+            ap.error("--cold needs root (writes /proc/sys/vm/drop_caches)")
+        COLD["on"] = True
 
     main_pid = os.getpid()
 
@@ -505,7 +524,7 @@ def main() -> int:
             order = variants[i % len(variants):] + variants[:i % len(variants)]
             rec: dict = {"repeat": i + 1, "order": order, "warm_read_s": round(warm_s, 3), "busy_before": share}
             for v in order:
-                sync()
+                settle()
                 if v in ("cp", "cp+sync"):
                     dest = work / f"cp-{i}"
                     s = cp_r(d_cli / "objects", dest, with_sync=(v == "cp+sync"))
@@ -523,7 +542,7 @@ def main() -> int:
                                  import_new(d_inp, args.cache / "new", config)]
             warm(d_cli / "objects")
             for v in ("cli", "inproc") if i % 2 == 0 else ("inproc", "cli"):
-                sync()
+                settle()
                 if v == "cli":
                     r = rec["cli_incr"] = cli_backup(d_cli, t_cli, config)
                 else:
@@ -560,8 +579,10 @@ def main() -> int:
                   "inproc_incr": f"run_backup(), +{args.new} (in-process)",
                   "cli_full_inner": "  of which run_backup (CLI's own figure)",
                   "cli_incr_inner": "  of which run_backup, incremental"}
-        print(f"\n{info['objects']} instances, {mb:.0f} MB; {args.repeat} repeat(s); page cache warm (every "
-              f"object read first), sync before each variant\n")
+        cache = ("page cache DROPPED before each variant (--cold: objects read from disk)" if COLD["on"] else
+                 "page cache warm (every object read first)")
+        print(f"\n{info['objects']} instances, {mb:.0f} MB; {args.repeat} repeat(s); {cache}, sync before each "
+              "variant\n")
         print(f"{'variant':44s} {'best s':>8s} {'median s':>9s} {'MB/s (best)':>12s}")
         for k in ("cp", "cp+sync", "cli_full", "cli_full_inner", "inproc_full", "cli_incr", "cli_incr_inner",
                   "inproc_incr"):
@@ -639,7 +660,8 @@ def main() -> int:
             "started": started.isoformat(timespec="seconds"), "args": {k: str(v) for k, v in vars(args).items()},
             "command": " ".join([".venv/bin/python", "bench/backup.py", *sys.argv[1:]]),
             "environment": env, "build": info, "build_or_reuse_s": build_s,
-            "method": "page cache warm (every object read before each repeat), sync before each timed variant; "
+            "method": ("page cache dropped before each timed variant (--cold); " if COLD["on"] else
+                       "page cache warm (every object read before each repeat); ") + "sync before each timed variant; "
                       "cp -r of the data dir's objects folder to a new folder on the same file system; "
                       "backups to empty targets (full) then, after clinicbox import of the new instances, "
                       "to the same target (incremental); default workers (2) and keep (14)",
