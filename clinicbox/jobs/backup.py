@@ -128,25 +128,28 @@ def _file_digest_copy(src: Path, dest: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def _pool_files(pool: Path) -> set[str]:
-    """The relpaths of the files in the pool, one directory listing per fan-out folder (no stat:
-    a file a finished backup verified is trusted by name; ``backup verify`` re-reads them all)."""
-    names = set()
-    if not pool.is_dir():
-        return names
-    for fan in os.scandir(pool):
-        if fan.is_dir():
-            names.update(f"objects/{fan.name}/{entry.name}" for entry in os.scandir(fan.path))
-    return names
+class _PoolListing:
+    """Which files the pool holds, one ``listdir`` per fan-out folder, asked by relpath (no stat: a
+    file a finished backup wrote and hashed is trusted by name; ``backup verify`` re-reads them all)."""
 
+    def __init__(self, pool: Path) -> None:
+        self.pool = pool
+        self._names: dict[str, set[str]] = {}
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        fh.seek(dataset_offset(fh))
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    def __contains__(self, relpath: str) -> bool:
+        _objects, fan, name = relpath.split("/", 2)
+        names = self._names.get(fan)
+        if names is None:
+            try:
+                names = self._names[fan] = set(os.listdir(self.pool / fan))
+            except FileNotFoundError:
+                names = self._names[fan] = set()
+        return name in names
+
+    def all(self) -> list[str]:
+        if not self.pool.is_dir():
+            return []
+        return [f"objects/{fan}/{name}" for fan in os.listdir(self.pool) for name in os.listdir(self.pool / fan)]
 
 
 def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2) -> BackupResult:
@@ -174,7 +177,7 @@ def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2
     finally:
         snap.close()
     previous = _latest_manifest_objects(root)
-    in_pool = _pool_files(pool)
+    in_pool = _PoolListing(pool)
     result = BackupResult(backup_id, bdir, instances=len(rows))
     todo = []
     for relpath, size, sha in rows:
@@ -302,7 +305,7 @@ def prune(target: Path, keep: int, sweep: bool = True) -> list[str]:
     referenced = set()
     for path in kept:
         referenced.update(o["path"] for o in _manifest(Path(path))["objects"])
-    for relpath in _pool_files(root / "objects"):
+    for relpath in _PoolListing(root / "objects").all():
         if relpath not in referenced:
             (root / relpath).unlink(missing_ok=True)
     return removed
