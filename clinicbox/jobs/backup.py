@@ -152,6 +152,15 @@ class _PoolListing:
         return [f"objects/{fan}/{name}" for fan in os.listdir(self.pool) for name in os.listdir(self.pool / fan)]
 
 
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(dataset_offset(fh))
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2) -> BackupResult:
     """Make one backup of ``data_dir`` into ``target``; prune to the newest ``keep``."""
     started = time.monotonic()
