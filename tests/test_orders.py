@@ -293,3 +293,21 @@ def test_mpps_with_a_step_id_the_order_does_not_have_still_moves_the_order(book)
     order = book.order(added.accession_number)
     assert order["status"] == "COMPLETED" and order["steps"][0]["status"] == "COMPLETED"
     assert _find(book) == []
+
+
+def test_csv_rows_of_one_accession_must_name_one_patient():
+    text = ("patient_id,patient_name,modality,station_ae,at,accession\n"
+            "P1,DOE^JOHN,US,US1,2026-11-23 09:00,A1\n"
+            "P2,ROE^JANE,CR,CR1,2026-11-23 09:30,A1\n")
+    orders, errors = parse(text)
+    assert orders == [] and errors and "patient_id" in errors[0][1] and errors[0][0] == "rows 2, 3"
+
+
+def test_mpps_after_the_desk_cancelled_keeps_the_order_cancelled(book):
+    added = book.add(_order(), who="desk")
+    book.cancel(added.accession_number, who="desk", reason="patient left")
+    uid = pydicom.uid.generate_uid()
+    assert book.mpps_create(uid, _mpps(added), "US1").order_accession == added.accession_number
+    book.mpps_set(uid, _final("DISCONTINUED", images=0), "US1")
+    order = book.order(added.accession_number)
+    assert order["status"] == "CANCELLED" and order["performed"][0]["status"] == "DISCONTINUED"

@@ -147,3 +147,25 @@ def test_schedules_keep_crontab_weekdays_and_bad_ones_are_refused():
         with pytest.raises(cfg.ConfigError) as exc:
             cfg.from_mapping({"jobs": {"backup": bad}})
         assert exc.value.key == "jobs.backup"
+
+
+def test_a_study_of_several_modalities_keeps_the_longest_time(tmp_path):
+    config = cfg.from_mapping({"storage": {"data_dir": str(tmp_path / "data")},
+                               "retention": {"enabled": True, "require_verified_backup": False,
+                                             "rules": [{"modality": "US", "years": 10},
+                                                       {"modality": "*", "years": 30}]}})
+    archive = Archive(config.storage)
+    archive.open()
+    open_jobs(archive)
+    try:
+        study = pydicom.uid.generate_uid(prefix=ORG_ROOT)
+        for n, modality in enumerate(("CT", "US")):
+            ds = ct_dataset(study, pydicom.uid.generate_uid(prefix=ORG_ROOT), 1, rows=4, cols=4, patient_id="M1")
+            ds.StudyDate, ds.Modality = "20100101", modality
+            path = tmp_path / f"{n}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            archive.store_file(path)
+        [verdict] = plan(config, archive, TODAY)
+        assert verdict["action"] == "keep" and "30 years" in verdict["why"]
+    finally:
+        archive.close()

@@ -129,7 +129,7 @@ class IntegritySettings:
 @dataclass(frozen=True)
 class RetentionSettings:
     enabled: bool = setting(False, "Delete studies past their keeping time (off: nothing is ever deleted by ClinicBox).")
-    rules: list = setting([], "Keeping times, first match wins: [{modality = \"US\", years = 10}, {modality = \"*\", years = 30}]; a study no rule names is kept.")
+    rules: list = setting([], "Keeping times: [{modality = \"US\", years = 10}, {modality = \"*\", years = 30}]; the longest matching one counts; a study no rule names is kept.")
     minor_age: int = setting(18, "A patient younger than this at the exam is a minor.", minimum=0, maximum=150)
     minor_extra_years: int = setting(10, "A minor's studies are kept at least until age minor_age plus this many years.",
                                      minimum=0, maximum=150)

@@ -147,11 +147,11 @@ def _serve(assoc, req, reply: _Responder, archive: Archive, our_ae_title: str, t
                                        move_originator=session.calling_ae, move_originator_id=reply.message_id)
                 except FileNotFoundError:
                     log.error("C-MOVE: instance %s has no readable file (gone from %s)", uid, row["path"])
-                except (OSError, LookupError) as exc:
-                    log.error("C-MOVE to %s: instance %s not sent: %s", destination, uid, exc)
                 except ScuError as exc:
                     lost = str(exc)
                     log.error("C-MOVE to %s: %s", destination, exc)
+                except Exception as exc:  # unreadable header, a syntax pydicom cannot decode, …
+                    log.error("C-MOVE to %s: instance %s not sent: %s", destination, uid, exc)
             remaining -= 1
             if status == 0x0000:
                 completed += 1

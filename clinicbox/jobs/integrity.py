@@ -83,10 +83,11 @@ def scrub(archive: Archive, *, files_per_run: int = 20000, backup_target: str | 
                       row["path"])
             problems.append({"sop_instance_uid": row["sop_instance_uid"], "path": row["path"], "state": state})
         figures[state] += 1
-        updates.append((state, now, row["id"]))
+        updates.append((state, now, row["id"], row["path"], row["sha256"]))
 
     def write(conn):
-        conn.executemany("UPDATE instances SET state=?, verified_at=? WHERE id=?", updates)
+        # only if the row is still the one read (not replaced or deleted while we were reading files)
+        conn.executemany("UPDATE instances SET state=?, verified_at=? WHERE id=? AND path=? AND sha256=?", updates)
 
     if updates:
         archive.writer.call(write)

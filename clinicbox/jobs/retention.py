@@ -1,6 +1,7 @@
 """Retention: studies past their keeping time go, never one under legal hold or not safely backed up.
 
-Rules (``[retention]`` in the config) give a keeping time in years per modality (``*`` for any),
+Rules (``[retention]`` in the config) give a keeping time in years per modality (``*`` for any; a
+study several rules match keeps the longest),
 counted from the study date (or, without one, from when ClinicBox received it).  A study of a
 patient who was a minor at the exam is kept at least until the patient is ``minor_age`` +
 ``minor_extra_years`` years old.  A legal hold on the patient or the study keeps it whatever the
@@ -79,7 +80,9 @@ def plan(config: Config, archive: Archive, today: date | None = None) -> list[di
             "SELECT s.id, s.study_instance_uid, s.study_date, s.created_at, s.modalities_in_study, s.num_instances,"
             " p.patient_id, p.patient_birth_date FROM studies s JOIN patients p ON p.id = s.patient_pk"):
         mods = [m for m in (s["modalities_in_study"] or "").split("\\") if m]
-        rule = next((x for x in r.rules if x.get("modality", "*") == "*" or x.get("modality") in mods), None)
+        # a study with several modalities keeps the longest time any of them asks for
+        matching = [x for x in r.rules if x.get("modality", "*") == "*" or x.get("modality") in mods]
+        rule = max(matching, key=lambda x: int(x["years"])) if matching else None
         basis = _date(s["study_date"]) or _date(s["created_at"])
         item = {"study_instance_uid": s["study_instance_uid"], "study_date": s["study_date"], "modalities": mods,
                 "instances": s["num_instances"]}

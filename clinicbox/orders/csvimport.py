@@ -48,6 +48,10 @@ COLUMNS = {
     "location": "scheduled location (room)",
 }
 REQUIRED = ("patient_id", "patient_name", "modality", "station_ae", "at")
+# the order's own fields: rows of one order (one accession) must agree on them
+ORDER_COLUMNS = ("patient_id", "patient_name", "birth_date", "sex", "issuer", "other_ids", "alerts", "allergies",
+                 "procedure_id", "procedure", "procedure_code", "code_scheme", "priority", "referring_physician",
+                 "requesting_physician", "contrast_agent", "study_uid")
 
 
 @dataclass
@@ -96,6 +100,11 @@ def parse(text: str) -> tuple[list[tuple[str, NewOrder]], list[tuple[str, str]]]
         label = ("rows " if len(rows) > 1 else "row ") + ", ".join(str(n) for n, _ in rows)
         first = rows[0][1]
         try:
+            for n, row in rows[1:]:
+                differ = [c for c in ORDER_COLUMNS if row.get(c, "") != first.get(c, "")]
+                if differ:
+                    raise OrderError(differ[0], f"row {n} shares accession {first.get('accession')} with row "
+                                                f"{rows[0][0]} but has another {differ[0]} (one order, one patient)")
             steps = []
             for n, row in rows:
                 for col in REQUIRED:

@@ -121,7 +121,13 @@ def _link(conn: sqlite3.Connection, scheduled: list[Dataset]) -> tuple[int | Non
 
 
 def _update_order(conn: sqlite3.Connection, order_pk: int, who: str) -> None:
-    """The order's status from its steps: in progress while any is; final when none is active."""
+    """The order's status from its steps: in progress while any is; final when none is active.
+
+    A cancelled order stays cancelled (the desk cancelled it after the modality fetched the list:
+    the MPPS is kept, linked, and shows in the order's history)."""
+    current = conn.execute("SELECT status FROM orders WHERE id=?", (order_pk,)).fetchone()
+    if current is not None and current[0] == "CANCELLED":
+        return
     states = [r[0] for r in conn.execute("SELECT status FROM procedure_steps WHERE order_pk=?", (order_pk,))]
     if IN_PROGRESS in states:
         set_order_status(conn, order_pk, IN_PROGRESS, who)
