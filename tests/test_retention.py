@@ -169,3 +169,46 @@ def test_a_study_of_several_modalities_keeps_the_longest_time(tmp_path):
         assert verdict["action"] == "keep" and "30 years" in verdict["why"]
     finally:
         archive.close()
+
+
+def test_backups_never_lose_an_older_copy(box, tmp_path):
+    """A UID stored again with other content after its deletion, and a file the scrub found damaged:
+    older backups stay restorable, and pruning keeps the last intact copy of the damaged file."""
+    from clinicbox.jobs import backup as bk
+
+    config, archive, uids = box
+    target = tmp_path / "target"
+    first = bk.run_backup(config.data_dir, target, keep=5)
+    row = archive.index.conn.execute("SELECT sop_instance_uid, path, sha256 FROM instances ORDER BY id LIMIT 1").fetchone()
+    study = archive.index.conn.execute(
+        "SELECT s.study_instance_uid FROM studies s JOIN series se ON se.study_pk = s.id JOIN instances i"
+        " ON i.series_pk = se.id WHERE i.sop_instance_uid = ?", (row["sop_instance_uid"],)).fetchone()[0]
+    old = pydicom.dcmread(archive.store.abspath(row["path"]))
+    archive.delete_study(study)
+    old.StudyDescription = "stored again, other content"
+    again = tmp_path / "again.dcm"
+    old.save_as(again, enforce_file_format=True)
+    archive.store_file(again)
+    assert archive.index.instance(row["sop_instance_uid"])["path"] == row["path"]  # same place, new bytes
+    second = bk.run_backup(config.data_dir, target, keep=5)
+    new_sha = archive.index.instance(row["sop_instance_uid"])["sha256"]
+    assert (target / bk.ROOT / f"{row['path']}.{new_sha[:16]}").is_file()  # beside the old copy, not over it
+    assert bk._file_digest(target / bk.ROOT / row["path"]) == row["sha256"]
+    assert bk.verify_backup(target, first.backup_id)["ok"] and bk.verify_backup(target, second.backup_id)["ok"]
+    r1 = bk.restore(target, first.backup_id, tmp_path / "r1")
+    r2 = bk.restore(target, second.backup_id, tmp_path / "r2")
+    assert r1["restored"] and r2["restored"]
+    assert pydicom.dcmread(tmp_path / "r1" / row["path"]).get("StudyDescription") != "stored again, other content"
+    assert pydicom.dcmread(tmp_path / "r2" / row["path"]).StudyDescription == "stored again, other content"
+
+    # damaged now, and the backups that held it intact get pruned: the copy stays named, the scrub repairs
+    victim = archive.index.conn.execute("SELECT path FROM instances ORDER BY id DESC LIMIT 1").fetchone()[0]
+    data = bytearray(archive.store.abspath(victim).read_bytes())
+    data[-3] ^= 0xFF
+    archive.store.abspath(victim).write_bytes(bytes(data))
+    no_repair = cfg.from_mapping({"storage": {"data_dir": str(config.data_dir)}})
+    assert run_job("scrub", no_repair, archive)["figures"]["damaged"] == 1
+    for _ in range(3):
+        bk.run_backup(config.data_dir, target, keep=1)
+    assert len(bk.list_backups(target)) == 1 and bk.verify_backup(target)["ok"]
+    assert run_job("scrub", config, archive)["figures"]["repaired"] == 1

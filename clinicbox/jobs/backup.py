@@ -37,7 +37,7 @@ from pathlib import Path
 
 from clinicbox.archive.files import fsync_dir
 from clinicbox.archive.index import INDEX_FILE, delete_instance
-from clinicbox.archive.parse import dataset_offset
+from clinicbox.archive.parse import InvalidObject, dataset_offset
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +188,14 @@ def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2
     previous = _latest_manifest_objects(root)
     in_pool = _PoolListing(pool)
     result = BackupResult(backup_id, bdir, instances=len(rows))
+    pool_of: dict[str, str] = {}  # relpath -> its file in the pool, when not the same path
     todo = []
     for relpath, size, sha in rows:
-        if previous.get(relpath) == sha and relpath in in_pool:
+        prev = previous.get(relpath)
+        if prev and prev["sha256"] == sha and prev.get("pool", relpath) in in_pool:
             result.reused += 1
+            if prev.get("pool", relpath) != relpath:
+                pool_of[relpath] = prev["pool"]
         else:
             todo.append((relpath, size, sha))
     for parent in {str(Path(r[0]).parent) for r in todo}:
@@ -200,22 +204,43 @@ def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2
 
     def copy(item):
         relpath, _size, sha = item
-        dest = root / relpath
+        # A pool file is never overwritten with other content: an older backup may name it.  The same
+        # path with new content (a UID stored again after a deletion) goes beside it, named by checksum.
+        for name in (relpath, f"{relpath}.{sha[:16]}"):
+            dest = root / name
+            if not dest.exists():
+                break
+            try:
+                if _file_digest(dest) == sha:
+                    return relpath, None, 0, name, True
+            except (OSError, InvalidObject):
+                pass
+        else:
+            return relpath, "the pool holds other content under both of its names", 0, None, False
+        tmp = dest.with_name(dest.name + ".part")
         try:
-            digest, nbytes = _file_digest_copy(data_dir / relpath, dest)
+            digest, nbytes = _file_digest_copy(data_dir / relpath, tmp)
         except FileNotFoundError:
-            return relpath, "missing from the data dir", 0
-        except OSError as exc:
-            return relpath, str(exc), 0
+            tmp.unlink(missing_ok=True)
+            return relpath, "missing from the data dir", 0, None, False
+        except (OSError, InvalidObject) as exc:
+            tmp.unlink(missing_ok=True)
+            return relpath, str(exc), 0, None, False
         if digest != sha:
-            dest.unlink(missing_ok=True)
-            return relpath, "content differs from the checksum taken at ingest", 0
-        return relpath, None, nbytes
+            tmp.unlink(missing_ok=True)
+            return relpath, "content differs from the checksum taken at ingest", 0, None, False
+        os.replace(tmp, dest)
+        return relpath, None, nbytes, name, False
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool_exec:
-        for relpath, error, nbytes in pool_exec.map(copy, todo):
+        for relpath, error, nbytes, name, reused in pool_exec.map(copy, todo):
             if error:
                 errors.append((relpath, error))
+                continue
+            if name != relpath:
+                pool_of[relpath] = name
+            if reused:
+                result.reused += 1
             else:
                 result.copied += 1
                 result.copied_bytes += nbytes
@@ -255,7 +280,20 @@ def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2
     # the copies and the snapshot on disk before the manifest says the backup exists: one sync
     # (measured: 100 new files 19 ms, against ~150 ms for an fsync of each)
     os.sync()
-    _write_json(bdir / OBJECTS, [{"path": p, "size": s, "sha256": h} for p, s, h in rows])
+    objects = [{"path": p, "size": sz, "sha256": h} | ({"pool": pool_of[p]} if p in pool_of else {})
+               for p, sz, h in rows]
+    # instances the scrub found damaged or missing: the intact copy an earlier backup holds stays
+    # named (else pruning would delete the last good copy before the scrub can repair from it)
+    snap = sqlite3.connect(bdir / INDEX_FILE)
+    try:
+        unhealthy = snap.execute("SELECT path, state FROM instances WHERE state != 'ok'").fetchall()
+    finally:
+        snap.close()
+    for relpath, state in unhealthy:
+        prev = previous.get(relpath)
+        if prev and prev.get("pool", relpath) in in_pool:
+            objects.append({k: prev[k] for k in ("path", "size", "sha256", "pool") if k in prev} | {"carried": state})
+    _write_json(bdir / OBJECTS, objects)
     manifest = {"id": backup_id, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "data_dir": str(data_dir.resolve()), **counts, "bytes": sum(r[1] for r in rows),
                 "copied": result.copied, "copied_bytes": result.copied_bytes, "reused": result.reused,
@@ -286,11 +324,16 @@ def _manifest(bdir: Path) -> dict:
     return manifest
 
 
-def _latest_manifest_objects(root: Path) -> dict[str, str]:
+def _latest_manifest_objects(root: Path) -> dict[str, dict]:
     backups = list_backups(root.parent)
     if not backups:
         return {}
-    return {o["path"]: o["sha256"] for o in _manifest(Path(backups[-1]["path"]))["objects"]}
+    return {o["path"]: o for o in _manifest(Path(backups[-1]["path"]))["objects"]}
+
+
+def pool_file(root: Path, entry: dict) -> Path:
+    """Where a manifest entry's object lies in the pool."""
+    return root / entry.get("pool", entry["path"])
 
 
 def prune(target: Path, keep: int, sweep: bool = True) -> list[str]:
@@ -313,7 +356,7 @@ def prune(target: Path, keep: int, sweep: bool = True) -> list[str]:
         return removed
     referenced = set()
     for path in kept:
-        referenced.update(o["path"] for o in _manifest(Path(path))["objects"])
+        referenced.update(o.get("pool", o["path"]) for o in _manifest(Path(path))["objects"])
     for relpath in _PoolListing(root / "objects").all():
         if relpath not in referenced:
             (root / relpath).unlink(missing_ok=True)
@@ -346,10 +389,11 @@ def verify_backup(target: Path, backup: str | None = None) -> dict:
     problems = []
     if check != "ok":
         problems.append(f"index snapshot: {check}")
-    if n != len(manifest["objects"]):
-        problems.append(f"index snapshot has {n} instances, the manifest {len(manifest['objects'])}")
+    listed = [o for o in manifest["objects"] if "carried" not in o]
+    if n != len(listed):
+        problems.append(f"index snapshot has {n} instances, the manifest {len(listed)}")
     for o in manifest["objects"]:
-        f = root / o["path"]
+        f = pool_file(root, o)
         if not f.is_file():
             problems.append(f"{o['path']}: missing")
         elif _file_digest(f) != o["sha256"]:
@@ -374,7 +418,7 @@ def restore(target: Path, backup: str | None, new_data_dir: Path) -> dict:
         dest = new / o["path"]
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
-            digest, _n = _file_digest_copy(root / o["path"], dest)
+            digest, _n = _file_digest_copy(pool_file(root, o), dest)
         except OSError as exc:
             bad.append(f"{o['path']}: {exc}")
             continue
@@ -391,10 +435,18 @@ def restore(target: Path, backup: str | None, new_data_dir: Path) -> dict:
 
 
 def restore_test(data_dir: Path, target: Path, scratch: Path | None = None) -> dict:
-    """Restore the latest backup into a scratch folder, check it against its manifest, remove it."""
+    """Restore the latest backup into a scratch folder on the backup target, check it against its
+    manifest, remove it."""
     bdir = find_backup(target, None)
     manifest = _manifest(bdir)
-    scratch = Path(scratch or Path(data_dir) / "restore-test")
+    # on the backup disk, not the data disk: a full restore there could push the live archive
+    # below its free-space guard (stores refused) or fill it
+    scratch = Path(scratch or _root(target) / "restore-test")
+    st = os.statvfs(scratch.parent if scratch.parent.exists() else _root(target))
+    need = sum(o.get("size", 0) for o in manifest["objects"]) + (bdir / INDEX_FILE).stat().st_size
+    if st.f_bavail * st.f_frsize < need * 1.1:
+        raise BackupError(f"not enough free space on {scratch.parent} for the restore test "
+                          f"({need / 1e6:.0f} MB needed)")
     if scratch.exists():
         shutil.rmtree(scratch)
     try:

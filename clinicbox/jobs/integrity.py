@@ -36,12 +36,15 @@ def _digest(path: Path) -> str:
 
 def _repair(archive: Archive, relpath: str, sha: str, target: Path) -> bool:
     """Put the backup's copy of ``relpath`` back if it hashes right; True when done."""
-    source = Path(target) / ROOT / relpath
-    if not source.is_file():
+    root = Path(target) / ROOT
+    source = next((p for p in (root / relpath, root / f"{relpath}.{sha[:16]}") if p.is_file()), None)
+    if source is None:
         return False
     try:
         if _digest(source) != sha:
-            return False
+            source = root / f"{relpath}.{sha[:16]}"  # the same path with other content: its checksum name
+            if not source.is_file() or _digest(source) != sha:
+                return False
         fd, tmp = archive.store.new_incoming(prefix="repair-")
         with os.fdopen(fd, "wb") as out, open(source, "rb") as fin:
             while chunk := fin.read(CHUNK):
