@@ -212,3 +212,29 @@ def test_backups_never_lose_an_older_copy(box, tmp_path):
         bk.run_backup(config.data_dir, target, keep=1)
     assert len(bk.list_backups(target)) == 1 and bk.verify_backup(target)["ok"]
     assert run_job("scrub", config, archive)["figures"]["repaired"] == 1
+
+
+def test_an_instance_that_arrives_after_the_verified_backup_survives_its_studys_deletion(box, tmp_path, monkeypatch):
+    """It arrives between the plan and the deletion: the deletion checks again and leaves it."""
+    import clinicbox.jobs.retention as retention
+
+    config, archive, uids = box
+    run_job("backup", config, archive)
+    run_job("restore-test", config, archive)
+    late = ct_dataset(uids["old-adult-us"], pydicom.uid.generate_uid(prefix=ORG_ROOT), 9, rows=4, cols=4,
+                      patient_id="R1", patient_name="old-adult-us^X")
+    late.PatientBirthDate, late.StudyDate, late.Modality = "19500101", "20100105", "US"
+    path = tmp_path / "late.dcm"
+    late.save_as(path, enforce_file_format=True)
+    real_plan = retention.plan
+
+    def plan_then_a_store_arrives(*args, **kwargs):
+        verdicts = real_plan(*args, **kwargs)
+        archive.store_file(path)  # not in the verified backup
+        return verdicts
+
+    monkeypatch.setattr(retention, "plan", plan_then_a_store_arrives)
+    done = run_retention(config, archive, today=TODAY)
+    assert (done["deleted_studies"], done["deleted_instances"]) == (1, 2)  # the two backed-up ones
+    kept = archive.index.instance(late.SOPInstanceUID)
+    assert kept is not None and archive.store.abspath(kept["path"]).exists()

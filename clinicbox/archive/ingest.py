@@ -266,19 +266,27 @@ class Archive:
             raise IngestError("no-space" if is_no_space(exc) else "failure", f"cannot copy: {exc}") from None
         return self.store_incoming(tmp, source=source)
 
-    def delete_study(self, study_instance_uid: str) -> int:
-        """Remove a study's instances: index rows first (one commit), then their files."""
-        rows = self.index.conn.execute(
-            "SELECT i.sop_instance_uid, i.path FROM instances i JOIN series se ON se.id = i.series_pk"
-            " JOIN studies s ON s.id = se.study_pk WHERE s.study_instance_uid = ?", (study_instance_uid,)).fetchall()
+    def delete_study(self, study_instance_uid: str, only: dict[str, str] | None = None) -> int:
+        """Remove a study's instances: index rows first (one commit), then their files.
 
+        ``only`` (path -> sha256) limits it to instances whose file and checksum are listed (what a
+        verified backup holds), checked inside the same transaction: an instance that arrived or
+        was replaced meanwhile stays.
+        """
         def write(conn):
-            for uid, _path in rows:
-                idx.delete_instance(conn, uid)
+            rows = conn.execute(
+                "SELECT i.sop_instance_uid, i.path, i.sha256 FROM instances i JOIN series se ON se.id = i.series_pk"
+                " JOIN studies s ON s.id = se.study_pk WHERE s.study_instance_uid = ?", (study_instance_uid,)).fetchall()
+            gone = []
+            for uid, path, sha in rows:
+                if only is None or only.get(path) == sha:
+                    idx.delete_instance(conn, uid)
+                    gone.append(path)
+            return gone
 
-        self.writer.call(write)
+        gone = self.writer.call(write)
         dirs = set()
-        for _uid, path in rows:
+        for path in gone:
             p = self.store.abspath(path)
             try:
                 os.unlink(p)
@@ -287,7 +295,7 @@ class Archive:
                 pass
         for d in dirs:
             fsync_dir(d)
-        return len(rows)
+        return len(gone)
 
     def add_device(self, name: str, ae_title: str, host: str, port: int, role: str, charset: str = "",
                    own_station_only: bool | None = None) -> None:

@@ -150,9 +150,13 @@ class Scu:
         if kind != 0x02:
             self.close()
             raise ScuError(f"{self.called_ae} answered the association request with PDU type {kind:#x}")
-        ac = A_ASSOCIATE_AC()
-        ac.decode(body)
-        result = ac.to_primitive()
+        try:
+            ac = A_ASSOCIATE_AC()
+            ac.decode(body)
+            result = ac.to_primitive()
+        except Exception as exc:  # a malformed A-ASSOCIATE-AC: no association, no open socket left
+            self.abort()
+            raise ScuError(f"{self.called_ae} sent an A-ASSOCIATE-AC we cannot read: {exc}") from None
         by_id = {cx.context_id: cx for cx in proposed}
         for cx in result.presentation_context_definition_results_list:
             if cx.result == 0 and cx.context_id in by_id:
@@ -213,7 +217,7 @@ class Scu:
     def _read_pdu(self) -> tuple[int, bytes]:
         header = self._recv_exact(6)
         kind, length = header[0], struct.unpack(">I", header[2:6])[0]
-        if length > OUR_MAX_PDU + 1024 and kind == 0x04:
+        if length > OUR_MAX_PDU + 1024 or (kind != 0x04 and length > 1 << 20):
             raise ScuError(f"the destination sent a PDU of {length} bytes (we take {OUR_MAX_PDU})")
         return kind, header + self._recv_exact(length) if kind in (0x02, 0x03) else self._recv_exact(length)
 

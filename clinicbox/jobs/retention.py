@@ -131,8 +131,11 @@ def run_retention(config: Config, archive: Archive, *, dry_run: bool = False, wh
     if dry_run:
         figures["plan"] = verdicts
         return figures
+    backed_up = (_verified_backup_objects(config, archive.index.conn) or {}) \
+        if config.retention.require_verified_backup else None
     for v in doomed:
-        n = archive.delete_study(v["study_instance_uid"])
+        # checked again inside the delete: what arrived since the plan, or is not in the backup, stays
+        n = archive.delete_study(v["study_instance_uid"], only=backed_up)
         archive.writer.call(lambda conn, v=v, n=n: audit(conn, who, "retention delete",
                                                          {"study_instance_uid": v["study_instance_uid"],
                                                           "instances": n, "why": v["why"]}))
