@@ -18,6 +18,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel
 from clinicbox.archive.ingest import Archive
 from clinicbox.archive.verify import verify_instance
 from clinicbox.dicom import tuning
+from clinicbox.dicom.retrieve import guard_responses
 from clinicbox.dicom.session import session_of
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ REQUEST_COMMITMENT = 1
 ALL_COMMITTED, FAILURES_EXIST = 1, 2
 NO_SUCH_ACTION_TYPE, MISSING_ATTRIBUTE, INVALID_ARGUMENT = 0x0123, 0x0120, 0x0115
 SAME_ASSOCIATION_GRACE = 0.3  # seconds
+SAME_ASSOCIATION_TIMEOUT = 5.0  # seconds to wait for the report's response on the caller's association
 
 
 def handle_n_action(event, archive: Archive, our_ae_title: str):
@@ -66,12 +68,21 @@ def _report(assoc, archive: Archive, our_ae_title: str, caller: str, transaction
     # N-ACTION response; give it that moment, so the report does not chase a closing association.
     threading.Event().wait(SAME_ASSOCIATION_GRACE)
     if assoc.is_established and not assoc.is_released:
+        # the association's own reactor must not take the report's response (pynetdicom's send_*()
+        # race, as in C-MOVE), and a peer that is hanging up must not hold us for the full DIMSE timeout
+        guard_responses(assoc)
+        timeout = assoc.dimse_timeout
+        assoc.dimse_timeout = min(timeout or SAME_ASSOCIATION_TIMEOUT, SAME_ASSOCIATION_TIMEOUT)
+        assoc._clinicbox_sending = True
         try:
             status, _ = assoc.send_n_event_report(ds, event_type, SOP_CLASS, WELL_KNOWN_INSTANCE)
             if getattr(status, "Status", None) == 0x0000:
                 return
         except Exception as exc:  # the peer went away meanwhile: report on a new association
             log.info("storage commitment %s: same-association report failed (%s)", transaction, exc)
+        finally:
+            assoc._clinicbox_sending = False
+            assoc.dimse_timeout = timeout
     _report_on_new_association(archive, our_ae_title, caller, ds, event_type, transaction)
 
 

@@ -59,7 +59,7 @@ def _accepts(assoc, sop_class: str, syntax: str) -> bool:
                for cx in assoc.accepted_contexts)
 
 
-def _guard_responses(assoc) -> None:
+def guard_responses(assoc) -> None:
     """Keep the association's own reactor from taking the C-STORE responses meant for send_c_store.
 
     pynetdicom's send_*() pause the reactor with a flag that can be stale (check-then-act), so under
@@ -68,6 +68,9 @@ def _guard_responses(assoc) -> None:
     sends is in flight the reactor's non-blocking polls see an empty queue; the sender's own blocking
     read is untouched.
     """
+    if getattr(assoc, "_clinicbox_guarded", False):
+        return
+    assoc._clinicbox_guarded = True
     dimse = assoc.dimse
     original_get = dimse.get_msg
     assoc._clinicbox_sending = False
@@ -84,7 +87,7 @@ def _wrap_send(assoc) -> None:
     if getattr(assoc, "_clinicbox_send_wrapped", False):
         return
     original = assoc.send_c_store
-    _guard_responses(assoc)
+    guard_responses(assoc)
 
     @wraps(original)
     def send_c_store(dataset, *args, **kwargs):
