@@ -301,7 +301,7 @@ def test_backup_while_receiving_holds_everything_acknowledged_before_it(tmp_path
     target = tmp_path / "usb"
     target.mkdir()
     batches = [write_ct_series(tmp_path / f"in{i}", 30, rows=64, cols=64, patient_id=f"LIVE{i}") for i in range(5)]
-    sent = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: bk._file_digest(f)
+    sent = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: bk.dataset_sha256(f)
             for b in batches for f in b}  # the data set part (the SCP writes its own file meta)
     box = ClinicBox(tmp_path / "data")
     box.start()
@@ -350,7 +350,7 @@ def test_backup_while_receiving_holds_everything_acknowledged_before_it(tmp_path
     live = file_hashes(box.data_dir)
     assert all(restored[uid] == live[uid] for uid in restored), "restored files equal the archive's"
     rows = index_rows(new)
-    assert all(bk._file_digest(new / rows[uid]) == sent[uid] for uid in restored), "data sets equal what was sent"
+    assert all(bk.dataset_sha256(new / rows[uid]) == sent[uid] for uid in restored), "data sets equal what was sent"
     counts = index_counts(new)
     assert counts["instances"] == b["instances"]
     assert counts["studies"] == b["studies"]

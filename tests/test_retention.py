@@ -193,7 +193,7 @@ def test_backups_never_lose_an_older_copy(box, tmp_path):
     second = bk.run_backup(config.data_dir, target, keep=5)
     new_sha = archive.index.instance(row["sop_instance_uid"])["sha256"]
     assert (target / bk.ROOT / f"{row['path']}.{new_sha[:16]}").is_file()  # beside the old copy, not over it
-    assert bk._file_digest(target / bk.ROOT / row["path"]) == row["sha256"]
+    assert bk.dataset_sha256(target / bk.ROOT / row["path"]) == row["sha256"]
     assert bk.verify_backup(target, first.backup_id)["ok"] and bk.verify_backup(target, second.backup_id)["ok"]
     r1 = bk.restore(target, first.backup_id, tmp_path / "r1")
     r2 = bk.restore(target, second.backup_id, tmp_path / "r2")

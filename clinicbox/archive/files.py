@@ -50,6 +50,15 @@ def file_sha256(path: Path, offset: int = 0) -> str:
     return h.hexdigest()
 
 
+def dataset_sha256(path: Path) -> str:
+    """SHA-256 of a stored (Part 10) file's data set: the checksum ingest records for it."""
+    from clinicbox.archive.parse import dataset_offset
+
+    with open(path, "rb") as fh:
+        offset = dataset_offset(fh)
+    return file_sha256(path, offset)
+
+
 class ObjectStore:
     """Paths and durable moves for the files under one data dir."""
 

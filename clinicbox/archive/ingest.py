@@ -224,7 +224,7 @@ class Archive:
             log.warning("instance %s is encoded implicit VR under explicit transfer syntax %s; stored as received",
                         uid, parsed.transfer_syntax)
         event = InstanceStored(uid, cls, parsed.get("StudyInstanceUID"), parsed.get("SeriesInstanceUID"),
-                               calling_ae, parsed.size, parsed.get("AccessionNumber") or "", replacing)
+                               calling_ae, parsed.size)
         for listener in self.listeners:
             try:
                 listener(event)

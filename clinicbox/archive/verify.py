@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clinicbox.archive.files import file_sha256
+from clinicbox.archive.files import dataset_sha256
 from clinicbox.archive.ingest import Archive
-from clinicbox.archive.parse import InvalidObject, parse_file
+from clinicbox.archive.parse import InvalidObject
 
 # Failure Reason values, PS3.3 C.14.1.1
 NO_SUCH_OBJECT_INSTANCE = 0x0112
@@ -36,7 +36,7 @@ def verify_instance(archive: Archive, sop_class_uid: str, sop_instance_uid: str)
         return Verdict(sop_class_uid, sop_instance_uid, CLASS_INSTANCE_CONFLICT)
     path = archive.store.abspath(row["path"])
     try:
-        ok = file_sha256(path, parse_file(path).dataset_offset) == row["sha256"]
+        ok = dataset_sha256(path) == row["sha256"]  # the data set as ingest hashed it
     except (OSError, InvalidObject):
         ok = False
     return Verdict(sop_class_uid, sop_instance_uid, None if ok else PROCESSING_FAILURE)

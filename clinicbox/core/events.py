@@ -15,5 +15,3 @@ class InstanceStored:
     series_instance_uid: str
     calling_ae: str
     size: int
-    accession_number: str = ""
-    replaced: bool = False  # an instance already stored came again with other content and replaced it

@@ -401,17 +401,6 @@ def peer_max_pdu(assoc) -> int | None:
         return None
 
 
-def peer_has_sent(assoc) -> bool:
-    """True when data from the peer waits on the association's socket, not yet read by its DUL thread."""
-    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
-    if sock is None:
-        return False
-    try:
-        return bool(select.select([sock], [], [], 0)[0])
-    except (OSError, ValueError):
-        return False
-
-
 def raw_send(assoc, data: bytes) -> bool:
     """Write ready-made PDUs to the association's socket; False when the connection is gone."""
     sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from clinicbox.archive.files import fsync_dir
+from clinicbox.archive.files import dataset_sha256, fsync_dir
 from clinicbox.archive.index import INDEX_FILE, delete_instance
 from clinicbox.archive.parse import InvalidObject, dataset_offset
 
@@ -152,15 +152,6 @@ class _PoolListing:
         return [f"objects/{fan}/{name}" for fan in os.listdir(self.pool) for name in os.listdir(self.pool / fan)]
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        fh.seek(dataset_offset(fh))
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2) -> BackupResult:
     """Make one backup of ``data_dir`` into ``target``; prune to the newest ``keep``."""
     started = time.monotonic()
@@ -211,7 +202,7 @@ def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2
             if not dest.exists():
                 break
             try:
-                if _file_digest(dest) == sha:
+                if dataset_sha256(dest) == sha:
                     return relpath, None, 0, name, True
             except (OSError, InvalidObject):
                 pass
@@ -396,7 +387,7 @@ def verify_backup(target: Path, backup: str | None = None) -> dict:
         f = pool_file(root, o)
         if not f.is_file():
             problems.append(f"{o['path']}: missing")
-        elif _file_digest(f) != o["sha256"]:
+        elif dataset_sha256(f) != o["sha256"]:
             problems.append(f"{o['path']}: checksum differs")
     return {"backup": manifest["id"], "instances": len(manifest["objects"]), "ok": not problems,
             "problems": problems[:50], "problem_count": len(problems)}
@@ -461,7 +452,7 @@ def restore_test(data_dir: Path, target: Path, scratch: Path | None = None) -> d
         if counts != expected:
             raise BackupError(f"restored counts {counts} differ from the manifest's {expected}")
         for o in manifest["objects"]:
-            if _file_digest(scratch / o["path"]) != o["sha256"]:
+            if dataset_sha256(scratch / o["path"]) != o["sha256"]:
                 raise BackupError(f"restored {o['path']}: checksum differs")
         return {"backup": manifest["id"], "verified": True, **counts, "seconds": result["seconds"]}
     finally:

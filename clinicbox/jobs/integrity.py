@@ -10,28 +10,18 @@ file in incoming/, hash checked, fsync, rename, directory fsync) and flagged ``o
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 
-from clinicbox.archive.files import fsync_dir
+from clinicbox.archive.files import dataset_sha256, fsync_dir
 from clinicbox.archive.index import utcnow
 from clinicbox.archive.ingest import Archive
-from clinicbox.archive.parse import InvalidObject, dataset_offset
+from clinicbox.archive.parse import InvalidObject
 from clinicbox.jobs.backup import ROOT
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        fh.seek(dataset_offset(fh))
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _repair(archive: Archive, relpath: str, sha: str, target: Path) -> bool:
@@ -41,9 +31,9 @@ def _repair(archive: Archive, relpath: str, sha: str, target: Path) -> bool:
     if source is None:
         return False
     try:
-        if _digest(source) != sha:
+        if dataset_sha256(source) != sha:
             source = root / f"{relpath}.{sha[:16]}"  # the same path with other content: its checksum name
-            if not source.is_file() or _digest(source) != sha:
+            if not source.is_file() or dataset_sha256(source) != sha:
                 return False
         fd, tmp = archive.store.new_incoming(prefix="repair-")
         with os.fdopen(fd, "wb") as out, open(source, "rb") as fin:
@@ -72,7 +62,7 @@ def scrub(archive: Archive, *, files_per_run: int = 20000, backup_target: str | 
         path = archive.store.abspath(row["path"])
         figures["checked"] += 1
         try:
-            state = "ok" if _digest(path) == row["sha256"] else "damaged"
+            state = "ok" if dataset_sha256(path) == row["sha256"] else "damaged"
         except FileNotFoundError:
             state = "missing"
         except (OSError, InvalidObject):
