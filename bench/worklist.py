@@ -49,6 +49,9 @@ from collections import Counter
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
+from common import (_reset, _stage_done, _stage_mark, _started, pct, spawn, stop_all_started, stop_process,
+                    tail, wait_port)
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -84,55 +87,10 @@ EMPTY_AET = "EMPTYWL"      # a folder without .wl files: findscu's floor against
 EXPORT_AET = "WLEXPORT"
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
-_started: list[subprocess.Popen] = []
 
 
 # ---------------------------------------------------------------------------------------------
 # processes
-
-def spawn(cmd: list[str], log_path: Path, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=env, cwd=cwd)
-    _started.append(proc)
-    return proc
-
-
-def stop_process(proc: subprocess.Popen | None, timeout: float = 30.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def stop_all_started() -> None:
-    for proc in _started:
-        stop_process(proc, timeout=20)
-
-
-def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode} before listening on port {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"{what}: nothing listening on port {port} after {timeout:.0f} s")
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 QUIET_SHARE = 0.15   # other processes together below 15 % of one CPU: quiet enough to measure
@@ -429,27 +387,6 @@ def write_wl(ds: Dataset, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # build (cached)
 
-def _stage_done(cache: Path, stage: str, key: dict) -> dict | None:
-    try:
-        info = json.loads((cache / f"{stage}.done.json").read_text())
-        return info if info.get("key") == key else None
-    except (OSError, ValueError):
-        return None
-
-
-def _stage_mark(cache: Path, stage: str, key: dict, info: dict) -> None:
-    (cache / f"{stage}.done.json").write_text(json.dumps({"key": key, **info}, indent=2))
-
-
-def _reset(cache: Path, *names: str) -> None:
-    for name in names:
-        p = cache / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-
-
 def clinicbox_cli(*args: str, data_dir: Path, config: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "CLINICBOX_CONFIG"}
     return subprocess.run([sys.executable, "-m", "clinicbox", *args, "--data-dir", str(data_dir),
@@ -673,16 +610,6 @@ def echoscu(port: int, called: str, calling: str) -> tuple[float, int, str, dict
     if r.returncode:
         raise RuntimeError(f"echoscu -aec {called} exited {r.returncode}: {(r.stdout + r.stderr)[-800:]}")
     return dt, 0, "Success", {}
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * q
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def stats(ms: list[float], answers: list[int]) -> dict:
