@@ -1,0 +1,220 @@
+"""``clinicbox`` command line: a thin layer over the rooms, built through the composition root."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from clinicbox import __version__
+from clinicbox.core import config as cfg
+from clinicbox.archive.index import CHARSETS, DEVICE_ROLES
+from clinicbox.core.logging import setup_logging
+from clinicbox.cli import jobs, worklist
+from clinicbox.cli.common import EXIT_CONFIG, _common, _load_config, _open_archive
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clinicbox", description="ClinicBox: a PACS appliance for small clinics.")
+    parser.add_argument("--version", action="version", version=f"clinicbox {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("serve", help="run the appliance: the DICOM service on one port, in the foreground")
+    _common(p)
+    p.add_argument("--port", type=int, help="TCP port (overrides server.port; default 11112)")
+    p.add_argument("--ae-title", help="our AE title (overrides server.ae_title; default CLINICBOX)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("import", help="import DICOM files, folders or media (CD/USB with DICOMDIR)")
+    _common(p)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="files or folders to import")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("studies", help="list the stored studies")
+    _common(p)
+    p.add_argument("--patient-id", help="only this patient's studies")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_studies)
+
+    p = sub.add_parser("devices", help="the devices ClinicBox knows: add, list, remove")
+    dsub = p.add_subparsers(dest="devices_command", metavar="SUBCOMMAND", required=True)
+    d = dsub.add_parser("add", help="add or change a device (a C-MOVE destination, a device allowed to query)")
+    _common(d)
+    d.add_argument("name", help="a name staff recognise, e.g. US-ROOM-1")
+    d.add_argument("--ae", required=True, help="the device's AE title")
+    d.add_argument("--host", required=True, help="its IP address or host name")
+    d.add_argument("--port", type=int, required=True, help="its DICOM port")
+    d.add_argument("--role", default="workstation", choices=DEVICE_ROLES, help="what it is (default workstation)")
+    d.add_argument("--charset", choices=CHARSETS, default="",
+                   help="character set of its worklist answers (default: worklist.charset, or what it asks for)")
+    own = d.add_mutually_exclusive_group()
+    own.add_argument("--own-station-only", dest="own_station_only", action="store_true", default=None,
+                     help="a worklist query without station AE title gets only this device's steps")
+    own.add_argument("--all-stations", dest="own_station_only", action="store_false",
+                     help="a worklist query without station AE title gets every station's steps")
+    d.set_defaults(func=cmd_devices_add)
+    d = dsub.add_parser("list", help="list known and seen devices")
+    _common(d)
+    d.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    d.set_defaults(func=cmd_devices_list)
+    d = dsub.add_parser("remove", help="remove a device by name (or AE title)")
+    _common(d)
+    d.add_argument("name", help="the device's name or AE title")
+    d.set_defaults(func=cmd_devices_remove)
+
+    worklist.add_parser(sub)
+    jobs.add_parsers(sub)
+
+    p = sub.add_parser("config", help="show or check configuration")
+    csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
+    c = csub.add_parser("show-default", help="print the default configuration, every key commented")
+    c.set_defaults(func=cmd_config_show_default)
+    c = csub.add_parser("check", help="validate a configuration file")
+    c.add_argument("file", help="the TOML file to check")
+    c.set_defaults(func=cmd_config_check)
+    return parser
+
+
+def cmd_serve(args, config: cfg.Config) -> int:
+    from clinicbox.app import DataDirBusy, make_appliance
+
+    appliance = make_appliance(config)
+    try:
+        appliance.run_forever()
+    except DataDirBusy as exc:
+        print(f"clinicbox: storage.data_dir: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        if exc.errno == 98:  # EADDRINUSE
+            print(f"clinicbox: server.port: port {config.server.port} is already in use", file=sys.stderr)
+            return EXIT_CONFIG
+        raise
+    return 0
+
+
+def cmd_import(args, config: cfg.Config) -> int:
+    from clinicbox.archive.importer import import_paths
+
+    archive = _open_archive(config)
+    show = not args.quiet and sys.stderr.isatty()
+
+    def progress(n: int, total: int) -> None:
+        if show:
+            width = 30
+            done = int(width * n / max(total, 1))
+            print(f"\r[{'#' * done}{'.' * (width - done)}] {n}/{total}", end="", file=sys.stderr, flush=True)
+
+    try:
+        summary = import_paths(archive, [Path(p) for p in args.paths], progress)
+    finally:
+        archive.close()
+    if show:
+        print(file=sys.stderr)
+    print(f"imported {summary.imported}, duplicates {summary.duplicates}, rejected {len(summary.rejected)}")
+    for reason, count in summary.reasons.most_common():
+        print(f"  rejected {count}: {reason}")
+    for path, reason in summary.rejected[:50]:
+        print(f"  {path}: {reason}", file=sys.stderr)
+    return 1 if summary.rejected and not (summary.imported or summary.duplicates) else 0
+
+
+def cmd_studies(args, config: cfg.Config) -> int:
+    archive = _open_archive(config)
+    try:
+        rows = archive.index.studies(patient_id=args.patient_id)
+    finally:
+        archive.close()
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    if not rows:
+        print("no studies")
+        return 0
+    cols = [("patient_id", "Patient ID", 14), ("patient_name", "Name", 24), ("study_date", "Date", 8),
+            ("modalities_in_study", "Mod", 6), ("num_series", "Ser", 4), ("num_instances", "Inst", 6),
+            ("accession_number", "Accession", 12), ("study_description", "Description", 30)]
+    print("  ".join(title.ljust(w) for _k, title, w in cols))
+    for r in rows:
+        print("  ".join(str(r[k] if r[k] is not None else "")[:w].ljust(w) for k, _t, w in cols))
+    return 0
+
+
+def cmd_devices_add(args, config: cfg.Config) -> int:
+    cfg.check_ae_title("--ae", args.ae)
+    if not 0 < args.port < 65536:
+        raise cfg.ConfigError("--port", f"{args.port} is not a TCP port")
+    archive = _open_archive(config)
+    try:
+        archive.add_device(args.name, args.ae, args.host, args.port, args.role, args.charset, args.own_station_only)
+    except ValueError as exc:
+        print(f"clinicbox: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        archive.close()
+    print(f"device {args.name}: {args.ae} at {args.host}:{args.port} ({args.role})")
+    return 0
+
+
+def cmd_devices_list(args, config: cfg.Config) -> int:
+    archive = _open_archive(config)
+    try:
+        rows = archive.index.devices()
+    finally:
+        archive.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no devices")
+        return 0
+    print(f"{'Name':16}  {'AE title':16}  {'Host':16}  {'Port':5}  {'Role':11}  Last seen")
+    for r in rows:
+        print(f"{r['name'] or '-':16}  {r['ae_title']:16}  {r['host']:16}  {r['port'] or '':<5}  "
+              f"{r['role']:11}  {r['last_seen']}")
+    return 0
+
+
+def cmd_devices_remove(args, config: cfg.Config) -> int:
+    archive = _open_archive(config)
+    try:
+        removed = archive.remove_device(args.name)
+    finally:
+        archive.close()
+    if not removed:
+        print(f"clinicbox: no device {args.name!r}", file=sys.stderr)
+        return 1
+    print(f"removed {args.name}")
+    return 0
+
+
+def cmd_config_show_default(args, config: cfg.Config) -> int:
+    print(cfg.default_toml())
+    return 0
+
+
+def cmd_config_check(args, config: cfg.Config) -> int:
+    cfg.load(args.file)
+    print(f"{args.file}: OK")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = cfg.Config() if args.func in (cmd_config_show_default, cmd_config_check) else _load_config(args)
+        setup_logging(config.logging)
+        return args.func(args, config)
+    except cfg.ConfigError as exc:
+        print(f"clinicbox: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `clinicbox config show-default | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    finally:
+        logging.shutdown()

@@ -1,0 +1,42 @@
+"""What every ``clinicbox`` subcommand shares: common flags, config loading, opening the rooms."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path  # noqa: F401  (used by the subcommand modules' type hints)
+
+from clinicbox.core import config as cfg
+
+EXIT_CONFIG = 2
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"TOML configuration file (default: ${cfg.ENV_CONFIG}, else built-in defaults)")
+    parser.add_argument("--data-dir", metavar="DIR", help="data folder (overrides storage.data_dir)")
+
+
+def _load_config(args) -> cfg.Config:
+    config = cfg.load(getattr(args, "config", None))
+    return config.with_overrides(data_dir=getattr(args, "data_dir", None), port=getattr(args, "port", None),
+                                 ae_title=getattr(args, "ae_title", None))
+
+
+def _open_archive(config: cfg.Config):
+    from clinicbox.archive.ingest import Archive
+
+    archive = Archive(config.storage)
+    archive.open()
+    return archive
+
+
+def _who(args) -> str:
+    import getpass
+
+    if getattr(args, "by", ""):
+        return args.by
+    try:
+        return os.environ.get("SUDO_USER") or getpass.getuser()
+    except Exception:
+        return "cli"
