@@ -123,7 +123,12 @@ class AnswerStream:
 
 
 def open_stream(event) -> AnswerStream | None:
-    """An answer stream for this C-FIND request, or None where pynetdicom must send the answers."""
+    """An answer stream for this C-FIND request, or None where pynetdicom must send the answers.
+
+    A request served by :func:`serve_find` already has one: its handler gets that same stream."""
+    existing = getattr(event, "stream", None)
+    if existing is not None:
+        return existing
     if not tuning.installed():
         return None
     ts = str(event.context.transfer_syntax)
@@ -143,6 +148,7 @@ class _FindEvent:
         self.request = req
         self.context = context.as_tuple
         self._identifier: Dataset | None = None
+        self.stream: AnswerStream | None = None  # set by serve_find; the handler writes into it
 
     @property
     def identifier(self) -> Dataset:
@@ -166,7 +172,7 @@ def serve_find(assoc, req, context, handler) -> None:
     thread; nothing of the request's handling is left to it.
     """
     event = _FindEvent(assoc, req, context)
-    stream = open_stream(event)
+    stream = event.stream = open_stream(event)
     if stream is None:  # big endian: pynetdicom's service, as it would have been
         return tuning.pynetdicom_find(assoc, req, context)
     status = 0xC000
