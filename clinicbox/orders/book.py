@@ -16,7 +16,8 @@ from pydicom.uid import generate_uid
 
 from clinicbox.archive import index as idx
 from clinicbox.archive.ingest import Archive
-from clinicbox.orders import schema
+from clinicbox.orders import mpps, schema, worklist
+from clinicbox.orders.history import record_event, set_order_status
 from clinicbox.orders.model import NewOrder, OrderError, PatientMismatch, same_person_name, validated
 from clinicbox.orders.schema import ACTIVE, CANCELLED, STATUSES
 
@@ -30,11 +31,6 @@ class Added:
     requested_procedure_id: str
     step_ids: tuple[str, ...]
     patient_reused: bool
-
-
-def record_event(conn: sqlite3.Connection, order_pk: int | None, who: str, what: str, detail: str = "") -> None:
-    conn.execute("INSERT INTO order_events (order_pk, at, who, what, detail) VALUES (?,?,?,?,?)",
-                 (order_pk, idx.utcnow(), who, what, detail))
 
 
 def _next_accession(conn: sqlite3.Connection, today: str) -> str:
@@ -124,14 +120,6 @@ def insert_order(conn: sqlite3.Connection, o: NewOrder, *, who: str, confirm: bo
                  f"{len(o.steps)} step(s): " + ", ".join(f"{s.modality} on {'/'.join(s.station_ae_titles)} at "
                                                          f"{s.start:%Y-%m-%d %H:%M}" for s in o.steps))
     return Added(accession, study_uid, rp_id, tuple(step_ids), reused)
-
-
-def set_order_status(conn: sqlite3.Connection, order_pk: int, status: str, who: str, detail: str = "") -> None:
-    row = conn.execute("SELECT status FROM orders WHERE id=?", (order_pk,)).fetchone()
-    if row is None or row["status"] == status:
-        return
-    conn.execute("UPDATE orders SET status=?, updated_at=? WHERE id=?", (status, idx.utcnow(), order_pk))
-    record_event(conn, order_pk, who, f"{row['status']} -> {status}", detail)
 
 
 def _cancel(conn: sqlite3.Connection, accession: str, who: str, reason: str) -> str:
@@ -253,8 +241,6 @@ class OrderBook:
 
     def worklist(self, query, **options):
         """Answers to a worklist query (:func:`clinicbox.orders.worklist.find`), read-only."""
-        from clinicbox.orders import worklist
-
         return worklist.find(self.conn, query, **options)
 
     def record_query(self, ae_title: str, host: str, identifier_json: str, answers: int, status: str) -> None:
@@ -267,13 +253,9 @@ class OrderBook:
         self.archive.writer.submit(write).add_done_callback(_log_failure)
 
     def mpps_create(self, uid: str, ds, calling_ae: str):
-        from clinicbox.orders import mpps
-
         return self.write(lambda conn: mpps.create(conn, uid, ds, calling_ae))
 
     def mpps_set(self, uid: str, ds, calling_ae: str):
-        from clinicbox.orders import mpps
-
         return self.write(lambda conn: mpps.update(conn, uid, ds, calling_ae))
 
     def last_queries(self) -> list[dict]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 
 from clinicbox.archive import index as idx
-from clinicbox.orders.book import record_event, set_order_status
+from clinicbox.orders.history import record_event, set_order_status
 from clinicbox.orders.schema import ACTIVE, COMPLETED, DISCONTINUED, IN_PROGRESS
 
 log = logging.getLogger(__name__)
