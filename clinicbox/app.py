@@ -23,6 +23,7 @@ from clinicbox.dicom.server import DicomServer
 from clinicbox.jobs.runner import open_jobs
 from clinicbox.jobs.scheduler import Scheduler
 from clinicbox.orders.book import OrderBook
+from clinicbox.reconcile.queue import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Appliance:
         self.config = config
         self.archive = Archive(config.storage)
         self.orders = OrderBook(self.archive)
+        self.reconciler = Reconciler(self.archive, config.intake, config.reconcile)
         self.dicom = DicomServer(config.server, self.archive, self.orders, config.query, config.worklist)
         self.scheduler = Scheduler(config, self.archive)
         self._stop = threading.Event()
@@ -69,6 +71,8 @@ class Appliance:
         try:
             self.archive.open()
             self.orders.open()
+            self.reconciler.open()
+            self.reconciler.install()
             open_jobs(self.archive)
             repair(self.archive)
             self.archive.disk_state()

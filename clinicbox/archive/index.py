@@ -9,6 +9,7 @@ file read.  Counts per patient/study/series are kept current by the write statem
 from __future__ import annotations
 
 import fcntl
+import json
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -175,6 +176,44 @@ def _m0004(db) -> None:
         """
         ALTER TABLE instances ADD COLUMN verified_at TEXT;
         CREATE INDEX instances_verified ON instances (verified_at);
+        """
+    )
+
+
+@migrations(name="0005_held_objects")
+def _m0005(db) -> None:
+    db.executescript(
+        """
+        -- objects stored durably but held out of the patient/study hierarchy (invisible to
+        -- query/retrieve) until a person decides where they belong; item_id names the
+        -- reconciliation item that holds them
+        CREATE TABLE held_objects (
+            id INTEGER PRIMARY KEY,
+            item_id INTEGER NOT NULL,
+            sop_instance_uid TEXT NOT NULL,
+            sop_class_uid TEXT NOT NULL,
+            transfer_syntax_uid TEXT NOT NULL,
+            path TEXT NOT NULL UNIQUE,
+            size INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            "values" TEXT NOT NULL,
+            received_at TEXT NOT NULL,
+            calling_ae TEXT NOT NULL DEFAULT '',
+            source TEXT NOT NULL DEFAULT 'network',
+            state TEXT NOT NULL DEFAULT 'ok'
+        );
+        CREATE INDEX held_objects_uid ON held_objects (sop_instance_uid);
+        CREATE INDEX held_objects_item ON held_objects (item_id);
+        -- append-only: who did what, when (deletions, holds, reconciliation decisions)
+        CREATE TABLE IF NOT EXISTS audit_log (
+            id INTEGER PRIMARY KEY,
+            at TEXT NOT NULL,
+            who TEXT NOT NULL,
+            action TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT '{}'
+        );
+        -- per device: how its objects go through intake matching ('' = the default for its role)
+        ALTER TABLE devices ADD COLUMN intake TEXT NOT NULL DEFAULT '';
         """
     )
 
@@ -356,6 +395,23 @@ def delete_instance(conn: sqlite3.Connection, sop_instance_uid: str) -> None:
 
 def set_instance_state(conn: sqlite3.Connection, path: str, state: str) -> None:
     conn.execute("UPDATE instances SET state=? WHERE path=?", (state, path))
+    conn.execute("UPDATE held_objects SET state=? WHERE path=?", (state, path))
+
+
+def insert_held(conn: sqlite3.Connection, rec: InstanceRecord, item_id: int) -> int:
+    """Keep a stored object out of the hierarchy, held by reconciliation item ``item_id``."""
+    cur = conn.execute(
+        'INSERT INTO held_objects (item_id, sop_instance_uid, sop_class_uid, transfer_syntax_uid, path, size,'
+        ' sha256, "values", received_at, calling_ae, source) VALUES (?,?,?,?,?,?,?,?,?,?,?)',
+        (item_id, rec.sop_instance_uid, rec.sop_class_uid, rec.transfer_syntax_uid, rec.path, rec.size,
+         rec.sha256, json.dumps(rec.values, ensure_ascii=False), utcnow(), rec.calling_ae, rec.source))
+    return cur.lastrowid
+
+
+def audit(conn: sqlite3.Connection, who: str, action: str, detail: dict) -> None:
+    """One line of the append-only audit log (in the caller's transaction)."""
+    conn.execute("INSERT INTO audit_log (at, who, action, detail) VALUES (?,?,?,?)",
+                 (utcnow(), who, action, json.dumps(detail, ensure_ascii=False, sort_keys=True)))
 
 
 def record_device_seen(conn: sqlite3.Connection, ae_title: str, host: str) -> bool:
@@ -376,27 +432,33 @@ DEVICE_ROLES = ("modality", "workstation", "viewer", "emr", "capture", "archive"
 CHARSETS = ("ISO_IR 100", "ISO_IR 192")
 
 
+INTAKE_MODES = ("accept", "check", "match")
+
+
 def upsert_device(conn: sqlite3.Connection, name: str, ae_title: str, host: str, port: int, role: str,
-                  charset: str = "", own_station_only: bool | None = None) -> None:
+                  charset: str = "", own_station_only: bool | None = None, intake: str = "") -> None:
     """Staff add (or change) a device; a caller already seen keeps its history.
 
     ``charset`` ('' = the configured default) is how worklist answers are encoded for it;
     ``own_station_only`` (None = the configured default) limits a worklist query that omits the
-    Scheduled Station AE Title to the device's own steps.
+    Scheduled Station AE Title to the device's own steps; ``intake`` ('' = the default for its role)
+    is how its objects are matched to patients and orders (one of INTAKE_MODES).
     """
     now = utcnow()
     if charset and charset not in CHARSETS:
         raise ValueError(f"character set {charset!r} is not one of {', '.join(CHARSETS)}")
+    if intake and intake not in INTAKE_MODES:
+        raise ValueError(f"intake {intake!r} is not one of {', '.join(INTAKE_MODES)}")
     if conn.execute("SELECT 1 FROM devices WHERE name=? AND ae_title != ?", (name, ae_title)).fetchone():
         raise ValueError(f"a device named {name!r} already has another AE title")
     own = None if own_station_only is None else int(own_station_only)
-    cur = conn.execute("UPDATE devices SET name=?, host=?, port=?, role=?, charset=?, own_station_only=?,"
+    cur = conn.execute("UPDATE devices SET name=?, host=?, port=?, role=?, charset=?, own_station_only=?, intake=?,"
                        " added_at=COALESCE(added_at, ?) WHERE ae_title=?",
-                       (name, host, port, role, charset, own, now, ae_title))
+                       (name, host, port, role, charset, own, intake, now, ae_title))
     if not cur.rowcount:
-        conn.execute("INSERT INTO devices (ae_title, name, host, port, role, charset, own_station_only, first_seen,"
-                     " last_seen, added_at, associations) VALUES (?,?,?,?,?,?,?,?,?,?,0)",
-                     (ae_title, name, host, port, role, charset, own, now, now, now))
+        conn.execute("INSERT INTO devices (ae_title, name, host, port, role, charset, own_station_only, intake,"
+                     " first_seen, last_seen, added_at, associations) VALUES (?,?,?,?,?,?,?,?,?,?,?,0)",
+                     (ae_title, name, host, port, role, charset, own, intake, now, now, now))
 
 
 def remove_device(conn: sqlite3.Connection, name_or_ae: str) -> bool:
@@ -437,16 +499,26 @@ class Index:
             "SELECT sop_instance_uid, sop_class_uid, path, size, sha256, transfer_syntax_uid, state"
             " FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,)).fetchone()
 
+    def held(self, sop_instance_uid: str) -> list[sqlite3.Row]:
+        """Held copies of ``sop_instance_uid`` (objects waiting in the reconciliation queue)."""
+        return self.conn.execute("SELECT id, item_id, path, sha256 FROM held_objects WHERE sop_instance_uid=?",
+                                 (sop_instance_uid,)).fetchall()
+
     def instance_paths(self) -> set[str]:
-        return {r[0] for r in self.conn.execute("SELECT path FROM instances")}
+        """Every object file the index knows: indexed instances and held objects."""
+        return {r[0] for r in self.conn.execute("SELECT path FROM instances UNION ALL SELECT path FROM held_objects")}
 
     def missing_paths(self) -> set[str]:
-        return {r[0] for r in self.conn.execute("SELECT path FROM instances WHERE state='missing'")}
+        return {r[0] for r in self.conn.execute("SELECT path FROM instances WHERE state='missing'"
+                                                " UNION ALL SELECT path FROM held_objects WHERE state='missing'")}
 
     def studies(self, patient_id: str | None = None) -> list[dict]:
         sql = ("SELECT p.patient_id, p.patient_name, p.patient_birth_date, p.patient_sex,"
                " s.study_instance_uid, s.study_date, s.study_time, s.accession_number, s.study_description,"
-               " s.modalities_in_study, s.num_series, s.num_instances, s.size_bytes, s.updated_at"
+               " s.modalities_in_study, s.num_series, s.num_instances, s.size_bytes, s.updated_at,"
+               " (SELECT group_concat(t, ' | ') FROM (SELECT DISTINCT i.document_title AS t FROM series se"
+               "   JOIN instances i ON i.series_pk = se.id WHERE se.study_pk = s.id AND i.document_title != ''))"
+               " AS documents"
                " FROM studies s JOIN patients p ON p.id = s.patient_pk")
         args: tuple = ()
         if patient_id is not None:
@@ -466,12 +538,13 @@ class Index:
 
     def devices(self) -> list[dict]:
         return [dict(r) for r in self.conn.execute(
-            "SELECT name, ae_title, host, port, role, charset, own_station_only, first_seen, last_seen,"
+            "SELECT name, ae_title, host, port, role, charset, own_station_only, intake, first_seen, last_seen,"
             " associations, added_at FROM devices ORDER BY name = '', name, ae_title")]
 
     def device(self, ae_title: str) -> dict | None:
         """A device staff added (a caller that was only seen is not one)."""
-        row = self.conn.execute("SELECT name, ae_title, host, port, role, charset, own_station_only FROM devices"
+        row = self.conn.execute("SELECT name, ae_title, host, port, role, charset, own_station_only, intake"
+                                " FROM devices"
                                 " WHERE ae_title=? AND added_at IS NOT NULL", (ae_title,)).fetchone()
         return dict(row) if row else None
 

@@ -44,6 +44,7 @@ class StoreOutcome(Enum):
     DUPLICATE = "duplicate"     # identical instance already stored; nothing added
     KEPT_FIRST = "kept-first"   # same UID, different content; duplicate_policy kept ours
     REPLACED = "replaced"       # same UID, different content; duplicate_policy took the new one
+    HELD = "held"               # stored durably, but held for a person to reconcile (not queryable yet)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,17 @@ class StoreResult:
     sop_instance_uid: str
     sop_class_uid: str
     size: int
+    held_item: int | None = None
+
+
+#: ``intake(conn, record)`` runs in the index transaction that would index ``record``: it returns
+#: the id of the reconciliation item that holds the object (it wrote that item), or None to index
+#: the object normally.  Running inside the writer makes the decision and the indexing one step, so
+#: two senders cannot both see "no such patient" and file different people under one patient ID.
+IntakeHook = Callable[[sqlite3.Connection, "idx.InstanceRecord"], "int | None"]
+
+#: sources the intake hook sees (``clinicbox import`` by staff and releases from the queue do not)
+INTAKE_SOURCES = frozenset({"network", "repair"})
 
 
 class IngestError(Exception):
@@ -88,6 +100,7 @@ class Archive:
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._lock_fd: int | None = None
         self.listeners: list[Callable[[InstanceStored], None]] = []
+        self.intake: IntakeHook | None = None
         self._disk_state = "ok"
 
     # --- life cycle ---------------------------------------------------------------------------
@@ -133,16 +146,19 @@ class Archive:
 
     def store_incoming(self, tmp: Path, *, calling_ae: str = "", source: str = "network",
                        expected_sop_class: str | None = None, expected_sop_instance: str | None = None,
-                       sha256: str | None = None, synced: bool = False) -> StoreResult:
+                       sha256: str | None = None, synced: bool = False,
+                       releasing: int | None = None) -> StoreResult:
         """Store the complete file ``tmp`` (in incoming/) under the ingest rule.
 
         ``sha256`` is the hash of the data set part (after the file meta) when the caller already
-        computed it while receiving.  On any failure the file is removed and :class:`IngestError`
-        is raised; on success it has been moved into objects/ (or discarded as a duplicate).
+        computed it while receiving.  ``releasing`` names a held object (``held_objects.id``) this
+        file takes the place of: in the same commit the held row goes and the instance is indexed.
+        On any failure the file is removed and :class:`IngestError` is raised; on success it has been
+        moved into objects/ (or discarded as a duplicate).
         """
         try:
             return self._store(tmp, calling_ae, source, expected_sop_class, expected_sop_instance,
-                               sha256, synced)
+                               sha256, synced, releasing)
         finally:
             try:
                 os.unlink(tmp)
@@ -163,7 +179,7 @@ class Archive:
             self._disk_state = state
         return state, free
 
-    def _store(self, tmp, calling_ae, source, expected_class, expected_instance, sha256, synced):
+    def _store(self, tmp, calling_ae, source, expected_class, expected_instance, sha256, synced, releasing):
         if self.disk_state()[0] == "critical":
             raise IngestError("no-space", f"free space below storage.min_free_critical_mb "
                                           f"({self.settings.min_free_critical_mb} MB): store refused")
@@ -178,6 +194,11 @@ class Archive:
             sha256 = file_sha256(tmp, parsed.dataset_offset)
         with self._uid_lock(uid):
             existing = self.index.instance(uid)
+            held = [h for h in self.index.held(uid) if h["id"] != releasing]
+            if releasing is None and any(h["sha256"] == sha256 for h in held):
+                log.debug("instance %s already held for reconciliation, identical: nothing added", uid)
+                return StoreResult(StoreOutcome.DUPLICATE, uid, cls, parsed.size,
+                                   held_item=next(h["item_id"] for h in held if h["sha256"] == sha256))
             replacing = False
             if existing is not None and existing["state"] == "ok":
                 if existing["sha256"] == sha256:
@@ -198,6 +219,8 @@ class Archive:
                 # never overwrite an acknowledged object before its replacement is committed
                 relpath = self.store.relpath_for(uid, version=sha256[:16])
                 superseded = existing["path"]
+            elif held or releasing is not None:
+                relpath = self.store.relpath_for(uid, version=sha256[:16])  # a held copy may own the plain name
             try:
                 self.store.place(tmp, relpath, already_synced=synced)
             except OSError as exc:
@@ -205,7 +228,8 @@ class Archive:
                 raise IngestError(kind, f"cannot write object into place: {exc}") from None
             record = idx.record_for(parsed, path=relpath, sha256=sha256, calling_ae=calling_ae, source=source)
             try:
-                self.writer.call(lambda conn: _index_record(conn, record, replacing))
+                held_item, released = self.writer.call(lambda conn: self.commit_record(conn, record, replacing,
+                                                                                       releasing))
             except Exception as exc:
                 # Nothing acknowledged it: take the file back out so disk and index agree.
                 try:
@@ -214,6 +238,12 @@ class Archive:
                     pass
                 kind = "no-space" if is_no_space(exc) else "failure"
                 raise IngestError(kind, f"index write failed: {exc}") from None
+            if held_item is not None:
+                log.info("instance %s from %s held for reconciliation (item %d)", uid, calling_ae or source,
+                         held_item)
+                return StoreResult(StoreOutcome.HELD, uid, cls, parsed.size, held_item=held_item)
+            if released is not None and released != relpath:
+                self._unlink(released)
             if superseded and superseded != relpath:
                 try:
                     os.unlink(self.store.abspath(superseded))
@@ -231,6 +261,57 @@ class Archive:
             except Exception:  # a listener must never undo a stored object
                 log.exception("listener %r failed for stored instance %s", listener, uid)
         return StoreResult(StoreOutcome.REPLACED if replacing else StoreOutcome.STORED, uid, cls, parsed.size)
+
+    def commit_record(self, conn, record: idx.InstanceRecord, replacing: bool,
+                      releasing: int | None = None) -> tuple[int | None, str | None]:
+        """Index ``record`` (in the writer's transaction), or hold it when the intake hook says so.
+
+        Returns (the reconciliation item holding it or None, the path of the held copy released).
+        """
+        released = None
+        if releasing is not None:
+            row = conn.execute("SELECT path FROM held_objects WHERE id=?", (releasing,)).fetchone()
+            if row is None:
+                raise IngestError("failure", f"held object {releasing} is no longer held")
+            conn.execute("DELETE FROM held_objects WHERE id=?", (releasing,))
+            released = row[0]
+        elif self.intake is not None and record.source in INTAKE_SOURCES:
+            item = self.intake(conn, record)
+            if item is not None:
+                idx.insert_held(conn, record, item)
+                return item, None
+        if replacing:
+            idx.delete_instance(conn, record.sop_instance_uid)
+        idx.insert_instance(conn, record)
+        return None, released
+
+    def _unlink(self, relpath: str) -> None:
+        path = self.store.abspath(relpath)
+        try:
+            os.unlink(path)
+            fsync_dir(path.parent)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", relpath, exc)
+
+    def drop_held(self, held_ids: list[int], write_extra: Callable | None = None) -> int:
+        """Remove held objects (rows first, in one commit with ``write_extra(conn)``, then files)."""
+        def write(conn):
+            paths = []
+            for hid in held_ids:
+                row = conn.execute("SELECT path FROM held_objects WHERE id=?", (hid,)).fetchone()
+                if row is not None:
+                    conn.execute("DELETE FROM held_objects WHERE id=?", (hid,))
+                    paths.append(row[0])
+            if write_extra is not None:
+                write_extra(conn)
+            return paths
+
+        paths = self.writer.call(write)
+        for p in paths:
+            self._unlink(p)
+        return len(paths)
 
     @staticmethod
     def _check_identity(parsed: ParsedObject, expected_class, expected_instance) -> tuple[str, str]:
@@ -298,9 +379,9 @@ class Archive:
         return len(gone)
 
     def add_device(self, name: str, ae_title: str, host: str, port: int, role: str, charset: str = "",
-                   own_station_only: bool | None = None) -> None:
+                   own_station_only: bool | None = None, intake: str = "") -> None:
         self.writer.call(lambda conn: idx.upsert_device(conn, name, ae_title, host, port, role, charset,
-                                                        own_station_only))
+                                                        own_station_only, intake))
 
     def remove_device(self, name_or_ae: str) -> bool:
         return self.writer.call(lambda conn: idx.remove_device(conn, name_or_ae))
@@ -310,7 +391,3 @@ class Archive:
         return self.writer.submit(lambda conn: idx.record_device_seen(conn, ae_title, host))
 
 
-def _index_record(conn, record: idx.InstanceRecord, replacing: bool) -> int:
-    if replacing:
-        idx.delete_instance(conn, record.sop_instance_uid)
-    return idx.insert_instance(conn, record)

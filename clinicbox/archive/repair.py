@@ -127,9 +127,12 @@ def _index_orphan(archive: Archive, relpath: str) -> bool:
             row = conn.execute("SELECT path, state FROM instances WHERE sop_instance_uid=?", (uid,)).fetchone()
             if row is not None and row[1] == "ok" and archive.store.abspath(row[0]).exists():
                 return False  # an uncommitted replacement of an indexed object: never acknowledged
-            if row is not None:
-                idx.delete_instance(conn, uid)
-            idx.insert_instance(conn, record)
+            held = conn.execute("SELECT 1 FROM held_objects WHERE sop_instance_uid=? AND sha256=?",
+                                (uid, record.sha256)).fetchone()
+            if held is not None:
+                return False  # an unacknowledged copy of a held object
+            # through the intake hook: an object that would have been held is held now
+            archive.commit_record(conn, record, replacing=row is not None)
             return True
         if archive.writer.call(_insert):
             return True

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from clinicbox import __version__
 from clinicbox.core import config as cfg
-from clinicbox.archive.index import CHARSETS, DEVICE_ROLES
+from clinicbox.archive.index import CHARSETS, DEVICE_ROLES, INTAKE_MODES
 from clinicbox.core.logging import setup_logging
-from clinicbox.cli import jobs, worklist
+from clinicbox.cli import jobs, reconcile, worklist
 from clinicbox.cli.common import EXIT_CONFIG, _common, _load_config, _open_archive
 
 
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a worklist query without station AE title gets only this device's steps")
     own.add_argument("--all-stations", dest="own_station_only", action="store_false",
                      help="a worklist query without station AE title gets every station's steps")
+    d.add_argument("--intake", choices=INTAKE_MODES, default="",
+                   help="how its objects are matched to patients/orders: accept (store as sent), check (hold only "
+                        "conflicts), match (hold conflicts and unknown patients); default: intake.<role>")
     d.set_defaults(func=cmd_devices_add)
     d = dsub.add_parser("list", help="list known and seen devices")
     _common(d)
@@ -67,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_devices_remove)
 
     worklist.add_parser(sub)
+    reconcile.add_parsers(sub)
     jobs.add_parsers(sub)
 
     p = sub.add_parser("config", help="show or check configuration")
@@ -136,7 +140,8 @@ def cmd_studies(args, config: cfg.Config) -> int:
         return 0
     cols = [("patient_id", "Patient ID", 14), ("patient_name", "Name", 24), ("study_date", "Date", 8),
             ("modalities_in_study", "Mod", 6), ("num_series", "Ser", 4), ("num_instances", "Inst", 6),
-            ("accession_number", "Accession", 12), ("study_description", "Description", 30)]
+            ("accession_number", "Accession", 12), ("study_description", "Description", 30),
+            ("documents", "Documents", 40)]
     print("  ".join(title.ljust(w) for _k, title, w in cols))
     for r in rows:
         print("  ".join(str(r[k] if r[k] is not None else "")[:w].ljust(w) for k, _t, w in cols))
@@ -149,7 +154,8 @@ def cmd_devices_add(args, config: cfg.Config) -> int:
         raise cfg.ConfigError("--port", f"{args.port} is not a TCP port")
     archive = _open_archive(config)
     try:
-        archive.add_device(args.name, args.ae, args.host, args.port, args.role, args.charset, args.own_station_only)
+        archive.add_device(args.name, args.ae, args.host, args.port, args.role, args.charset, args.own_station_only,
+                            args.intake)
     except ValueError as exc:
         print(f"clinicbox: {exc}", file=sys.stderr)
         return 1

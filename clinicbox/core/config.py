@@ -155,6 +155,43 @@ class JobsSettings:
     timezone: str = setting("", "Time zone of the schedules (e.g. Europe/Berlin); empty: the box's local time.")
 
 
+_INTAKE = ("accept", "check", "match")
+MATCH_IDENTIFIERS = ("patient_id", "accession", "study_uid")
+
+
+@dataclass(frozen=True)
+class IntakeSettings:
+    emr: str = setting("match", "Objects from devices with role emr: match (hold conflicts and unknown patients), "
+                                "check (hold only conflicts) or accept (store as sent).", choices=_INTAKE)
+    capture: str = setting("match", "Objects from capture stations and scanners (role capture).", choices=_INTAKE)
+    modality: str = setting("check", "Images from modalities: a new patient is normal there, so only objects that "
+                                     "contradict a known patient, order or study are held.", choices=_INTAKE)
+    unknown: str = setting("check", "Objects from callers that are not in the device table.", choices=_INTAKE)
+    other: str = setting("accept", "Objects from workstations, viewers, archives and printers (already curated).",
+                         choices=_INTAKE)
+    match_scope: str = setting("all", "In match mode, which objects need a known patient: all, or documents only "
+                                      "(PDF, CDA, photos, secondary captures; other images are checked).",
+                               choices=("all", "documents"))
+    match_on: list = setting(list(MATCH_IDENTIFIERS), "Identifiers an object is matched on (patient_id, accession, "
+                                                      "study_uid); name and birth date only ever confirm.")
+
+    def mode_for(self, role: str) -> str:
+        if role in ("emr", "capture", "modality", "unknown"):
+            return getattr(self, role)
+        return self.other
+
+    def validate(self) -> None:
+        for i, name in enumerate(self.match_on):
+            if name not in MATCH_IDENTIFIERS:
+                raise ConfigError(f"intake.match_on[{i}]", f"{name!r} is not one of {', '.join(MATCH_IDENTIFIERS)}")
+
+
+@dataclass(frozen=True)
+class ReconcileSettings:
+    trash_days: int = setting(30, "Days a rejected reconciliation item is kept before the retention job removes it.",
+                              minimum=0, maximum=3650)
+
+
 @dataclass(frozen=True)
 class LoggingSettings:
     level: str = setting("INFO", "Log level for every room.",
@@ -174,6 +211,8 @@ class Config:
     jobs: JobsSettings = field(default_factory=JobsSettings)
     integrity: IntegritySettings = field(default_factory=IntegritySettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    intake: IntakeSettings = field(default_factory=IntakeSettings)
+    reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
     @property
@@ -198,7 +237,7 @@ class Config:
 _SECTIONS: dict[str, type] = {"server": ServerSettings, "storage": StorageSettings, "query": QuerySettings,
                               "worklist": WorklistSettings, "backup": BackupSettings, "jobs": JobsSettings,
                               "integrity": IntegritySettings, "retention": RetentionSettings,
-                              "logging": LoggingSettings}
+                              "intake": IntakeSettings, "reconcile": ReconcileSettings, "logging": LoggingSettings}
 
 
 def _field(cls: type, name: str) -> dataclasses.Field:
@@ -279,6 +318,7 @@ def _cron_problem(expression: str) -> str | None:
 
 def _validate_schedules(cfg: "Config") -> None:
     cfg.retention.validate()
+    cfg.intake.validate()
     for name in ("backup", "restore_test", "scrub", "retention"):
         expression = getattr(cfg.jobs, name)
         if not expression:

@@ -41,6 +41,15 @@ from clinicbox.archive.parse import InvalidObject, dataset_offset
 
 log = logging.getLogger(__name__)
 
+
+
+def _objects_sql(conn: sqlite3.Connection) -> str:
+    """The stored objects of an index: its instances and (since archive migration 0005) held objects."""
+    sql = "SELECT path, size, sha256 FROM instances WHERE state = 'ok'"
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'held_objects'").fetchone():
+        sql += " UNION ALL SELECT path, size, sha256 FROM held_objects WHERE state = 'ok'"
+    return sql
+
 ROOT = "clinicbox-backup"
 MANIFEST = "manifest.json"
 OBJECTS = "objects.json"
@@ -171,7 +180,8 @@ def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2
         raise BackupError(f"cannot snapshot the index: {exc}") from None
     snap = sqlite3.connect(bdir / INDEX_FILE)
     try:
-        rows = snap.execute("SELECT path, size, sha256 FROM instances WHERE state = 'ok' ORDER BY path").fetchall()
+        # held objects (waiting in the reconciliation queue) are as much the clinic's as indexed ones
+        rows = snap.execute(_objects_sql(snap) + " ORDER BY path").fetchall()
         counts = {t: snap.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
                   for t in ("patients", "studies", "series", "instances")}
     finally:
@@ -241,7 +251,8 @@ def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2
         # no longer part of the archive, so not part of this backup either
         live = sqlite3.connect(f"file:{data_dir / INDEX_FILE}?mode=ro", uri=True, timeout=60)
         try:
-            still = {p for p in gone if live.execute("SELECT 1 FROM instances WHERE path=?", (p,)).fetchone()}
+            still = {p for p in gone if live.execute("SELECT 1 FROM instances WHERE path=? UNION ALL"
+                                                     " SELECT 1 FROM held_objects WHERE path=?", (p, p)).fetchone()}
         finally:
             live.close()
         dropped = set(gone) - still
@@ -253,6 +264,7 @@ def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2
                         row = snap.execute("SELECT sop_instance_uid FROM instances WHERE path=?", (p,)).fetchone()
                         if row:
                             delete_instance(snap, row[0])
+                        snap.execute("DELETE FROM held_objects WHERE path=?", (p,))
                     counts = {t: snap.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
                               for t in ("patients", "studies", "series", "instances")}
             finally:
@@ -277,7 +289,8 @@ def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2
     # named (else pruning would delete the last good copy before the scrub can repair from it)
     snap = sqlite3.connect(bdir / INDEX_FILE)
     try:
-        unhealthy = snap.execute("SELECT path, state FROM instances WHERE state != 'ok'").fetchall()
+        unhealthy = snap.execute("SELECT path, state FROM instances WHERE state != 'ok' UNION ALL"
+                                 " SELECT path, state FROM held_objects WHERE state != 'ok'").fetchall()
     finally:
         snap.close()
     for relpath, state in unhealthy:
@@ -374,7 +387,7 @@ def verify_backup(target: Path, backup: str | None = None) -> dict:
     conn = sqlite3.connect(f"file:{bdir / INDEX_FILE}?mode=ro", uri=True)
     try:
         check = conn.execute("PRAGMA integrity_check").fetchone()[0]
-        n = conn.execute("SELECT count(*) FROM instances WHERE state = 'ok'").fetchone()[0]
+        n = conn.execute(f"SELECT count(*) FROM ({_objects_sql(conn)})").fetchone()[0]
     finally:
         conn.close()
     problems = []

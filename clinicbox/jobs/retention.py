@@ -21,6 +21,7 @@ from pathlib import Path
 from clinicbox.archive import index as idx
 from clinicbox.archive.ingest import Archive
 from clinicbox.core.config import Config
+from clinicbox.reconcile.queue import Reconciler
 from clinicbox.jobs import backup
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,7 @@ def _add_years(d: date, years: int) -> date:
         return d.replace(year=d.year + years, day=28)
 
 
-def audit(conn: sqlite3.Connection, who: str, action: str, detail: dict) -> None:
-    conn.execute("INSERT INTO audit_log (at, who, action, detail) VALUES (?,?,?,?)",
-                 (idx.utcnow(), who, action, json.dumps(detail)))
+audit = idx.audit
 
 
 def holds(conn: sqlite3.Connection) -> tuple[set[str], set[str]]:
@@ -118,16 +117,26 @@ def plan(config: Config, archive: Archive, today: date | None = None) -> list[di
     return out
 
 
+def _expire_trash(config: Config, archive: Archive, *, dry_run: bool, who: str) -> dict:
+    """Rejected reconciliation items past reconcile.trash_days go, whether or not retention is enabled."""
+    reconciler = Reconciler(archive, config.intake, config.reconcile)
+    reconciler.open()
+    if dry_run:
+        return {"trash_items_due": reconciler.expire_rejected(dry_run=True)["expired_items"]}
+    return reconciler.expire_rejected(who=who)
+
+
 def run_retention(config: Config, archive: Archive, *, dry_run: bool = False, who: str = "retention job",
                   today: date | None = None) -> dict:
+    trash = _expire_trash(config, archive, dry_run=dry_run, who=who)
     if not config.retention.enabled and not dry_run:
-        return {"enabled": False, "deleted_studies": 0, "deleted_instances": 0}
+        return {"enabled": False, "deleted_studies": 0, "deleted_instances": 0, **trash}
     if not config.retention.require_verified_backup:
         log.warning("retention.require_verified_backup = false: studies are deleted WITHOUT a verified backup")
     verdicts = plan(config, archive, today)
     doomed = [v for v in verdicts if v["action"] == "delete"]
     figures = {"studies": len(verdicts), "to_delete": len(doomed), "dry_run": dry_run, "deleted_studies": 0,
-               "deleted_instances": 0}
+               "deleted_instances": 0, **trash}
     if dry_run:
         figures["plan"] = verdicts
         return figures

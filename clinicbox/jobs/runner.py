@@ -59,8 +59,9 @@ def _m0002(db) -> None:
             at TEXT NOT NULL,
             PRIMARY KEY (kind, value)
         );
-        -- append-only: who did what, when (deletions, holds)
-        CREATE TABLE audit_log (
+        -- append-only: who did what, when (deletions, holds); the archive's migration 0005 creates it
+        -- on newer data dirs (reconciliation writes to it too)
+        CREATE TABLE IF NOT EXISTS audit_log (
             id INTEGER PRIMARY KEY,
             at TEXT NOT NULL,
             who TEXT NOT NULL,

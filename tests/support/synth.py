@@ -74,6 +74,7 @@ def write_ct_series(folder: Path, count: int, *, rows: int = 512, cols: int = 51
     paths = []
     for i in range(1, count + 1):
         ds = ct_dataset(study, series, i, rows=rows, cols=cols, **kw)
+        ds.AccessionNumber = "A" + study.replace(".", "")[-15:]  # one per study, as an order system gives
         path = folder / f"ct{i:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

@@ -1,0 +1,1 @@
+"""Reconciliation: match incoming EMR/capture objects to patients and orders; the queue of what waits for a person."""
