@@ -19,10 +19,12 @@ from pathlib import Path
 from clinicbox.archive.ingest import Archive
 from clinicbox.archive.repair import repair
 from clinicbox.core.config import Config
+from clinicbox.dicom.printscu import PrintForwarder
 from clinicbox.dicom.server import DicomServer
 from clinicbox.jobs.runner import open_jobs
 from clinicbox.jobs.scheduler import Scheduler
 from clinicbox.orders.book import OrderBook
+from clinicbox.printing.relay import PrintRelay
 from clinicbox.reconcile.queue import Reconciler
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,10 @@ class Appliance:
         self.archive = Archive(config.storage)
         self.orders = OrderBook(self.archive)
         self.reconciler = Reconciler(self.archive, config.intake, config.reconcile)
-        self.dicom = DicomServer(config.server, self.archive, self.orders, config.query, config.worklist)
+        self.printing = PrintRelay(self.archive, config.print)
+        self.printing.forwarders["dicom"] = PrintForwarder(self.archive.index, config.server.ae_title)
+        self.dicom = DicomServer(config.server, self.archive, self.orders, config.query, config.worklist,
+                                 self.printing, config.print)
         self.scheduler = Scheduler(config, self.archive)
         self._stop = threading.Event()
         self._lock_file = None
@@ -73,10 +78,12 @@ class Appliance:
             self.orders.open()
             self.reconciler.open()
             self.reconciler.install()
+            self.printing.open()
             open_jobs(self.archive)
             repair(self.archive)
             self.archive.disk_state()
             self.dicom.start()
+            self.printing.start()
             self.scheduler.start()
         except BaseException:
             self.archive.close()
@@ -90,6 +97,7 @@ class Appliance:
         sd_notify("STOPPING=1")
         self.scheduler.stop()
         self.dicom.stop()
+        self.printing.stop()
         self.archive.close()
         if self._lock_file is not None:
             self._lock_file.close()

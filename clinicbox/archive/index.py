@@ -214,6 +214,8 @@ def _m0005(db) -> None:
         );
         -- per device: how its objects go through intake matching ('' = the default for its role)
         ALTER TABLE devices ADD COLUMN intake TEXT NOT NULL DEFAULT '';
+        -- per device: where its printed films go, comma-separated ('' = print.destinations)
+        ALTER TABLE devices ADD COLUMN print_to TEXT NOT NULL DEFAULT '';
         """
     )
 
@@ -436,13 +438,15 @@ INTAKE_MODES = ("accept", "check", "match")
 
 
 def upsert_device(conn: sqlite3.Connection, name: str, ae_title: str, host: str, port: int, role: str,
-                  charset: str = "", own_station_only: bool | None = None, intake: str = "") -> None:
+                  charset: str = "", own_station_only: bool | None = None, intake: str = "",
+                  print_to: str | None = None) -> None:
     """Staff add (or change) a device; a caller already seen keeps its history.
 
     ``charset`` ('' = the configured default) is how worklist answers are encoded for it;
     ``own_station_only`` (None = the configured default) limits a worklist query that omits the
     Scheduled Station AE Title to the device's own steps; ``intake`` ('' = the default for its role)
-    is how its objects are matched to patients and orders (one of INTAKE_MODES).
+    is how its objects are matched to patients and orders (one of INTAKE_MODES); ``print_to``
+    (None = leave as is) where its printed films go.
     """
     now = utcnow()
     if charset and charset not in CHARSETS:
@@ -459,6 +463,8 @@ def upsert_device(conn: sqlite3.Connection, name: str, ae_title: str, host: str,
         conn.execute("INSERT INTO devices (ae_title, name, host, port, role, charset, own_station_only, intake,"
                      " first_seen, last_seen, added_at, associations) VALUES (?,?,?,?,?,?,?,?,?,?,?,0)",
                      (ae_title, name, host, port, role, charset, own, intake, now, now, now))
+    if print_to is not None:
+        conn.execute("UPDATE devices SET print_to=? WHERE ae_title=?", (print_to, ae_title))
 
 
 def remove_device(conn: sqlite3.Connection, name_or_ae: str) -> bool:
@@ -538,7 +544,7 @@ class Index:
 
     def devices(self) -> list[dict]:
         return [dict(r) for r in self.conn.execute(
-            "SELECT name, ae_title, host, port, role, charset, own_station_only, intake, first_seen, last_seen,"
+            "SELECT name, ae_title, host, port, role, charset, own_station_only, intake, print_to, first_seen, last_seen,"
             " associations, added_at FROM devices ORDER BY name = '', name, ae_title")]
 
     def device(self, ae_title: str) -> dict | None:

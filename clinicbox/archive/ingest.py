@@ -62,8 +62,9 @@ class StoreResult:
 #: two senders cannot both see "no such patient" and file different people under one patient ID.
 IntakeHook = Callable[[sqlite3.Connection, "idx.InstanceRecord"], "int | None"]
 
-#: sources the intake hook sees (``clinicbox import`` by staff and releases from the queue do not)
-INTAKE_SOURCES = frozenset({"network", "repair"})
+#: sources the intake hook sees (``clinicbox import`` by staff and releases from the queue do not;
+#: "print" is the archive copy of a printed image box)
+INTAKE_SOURCES = frozenset({"network", "repair", "print"})
 
 
 class IngestError(Exception):
@@ -379,9 +380,9 @@ class Archive:
         return len(gone)
 
     def add_device(self, name: str, ae_title: str, host: str, port: int, role: str, charset: str = "",
-                   own_station_only: bool | None = None, intake: str = "") -> None:
+                   own_station_only: bool | None = None, intake: str = "", print_to: str | None = None) -> None:
         self.writer.call(lambda conn: idx.upsert_device(conn, name, ae_title, host, port, role, charset,
-                                                        own_station_only, intake))
+                                                        own_station_only, intake, print_to))
 
     def remove_device(self, name_or_ae: str) -> bool:
         return self.writer.call(lambda conn: idx.remove_device(conn, name_or_ae))

@@ -13,7 +13,7 @@ from clinicbox import __version__
 from clinicbox.core import config as cfg
 from clinicbox.archive.index import CHARSETS, DEVICE_ROLES, INTAKE_MODES
 from clinicbox.core.logging import setup_logging
-from clinicbox.cli import jobs, reconcile, worklist
+from clinicbox.cli import jobs, printing, reconcile, worklist
 from clinicbox.cli.common import EXIT_CONFIG, _common, _load_config, _open_archive
 
 
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--intake", choices=INTAKE_MODES, default="",
                    help="how its objects are matched to patients/orders: accept (store as sent), check (hold only "
                         "conflicts), match (hold conflicts and unknown patients); default: intake.<role>")
+    d.add_argument("--print-to", default="",
+                   help="where its printed films go, comma-separated: cups:QUEUE, folder:/path, dicom:DEVICE "
+                        "(default: print.destinations)")
     d.set_defaults(func=cmd_devices_add)
     d = dsub.add_parser("list", help="list known and seen devices")
     _common(d)
@@ -71,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     worklist.add_parser(sub)
     reconcile.add_parsers(sub)
+    printing.add_parsers(sub)
     jobs.add_parsers(sub)
 
     p = sub.add_parser("config", help="show or check configuration")
@@ -154,8 +158,10 @@ def cmd_devices_add(args, config: cfg.Config) -> int:
         raise cfg.ConfigError("--port", f"{args.port} is not a TCP port")
     archive = _open_archive(config)
     try:
+        destinations = [d.strip() for d in args.print_to.split(",") if d.strip()]
+        cfg.check_print_destinations("--print-to", destinations)
         archive.add_device(args.name, args.ae, args.host, args.port, args.role, args.charset, args.own_station_only,
-                            args.intake)
+                            args.intake, ",".join(destinations))
     except ValueError as exc:
         print(f"clinicbox: {exc}", file=sys.stderr)
         return 1

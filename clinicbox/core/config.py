@@ -192,6 +192,38 @@ class ReconcileSettings:
                               minimum=0, maximum=3650)
 
 
+_DESTINATION = re.compile(r"^(cups:[A-Za-z0-9_.@-]+|folder:.+|dicom:.+)$")
+
+
+def check_print_destinations(key: str, values) -> None:
+    for i, value in enumerate(values):
+        if not isinstance(value, str) or not _DESTINATION.match(value):
+            raise ConfigError(f"{key}[{i}]", f"{value!r} is not a print destination "
+                                             "(cups:QUEUE, folder:/path or dicom:DEVICE)")
+
+
+@dataclass(frozen=True)
+class PrintSettings:
+    destinations: list = setting([], "Where printed films go unless the device says otherwise: cups:QUEUE (office "
+                                     "printer via lp), folder:/path (a PDF per film), dicom:DEVICE (a real film printer).")
+    dpi: int = setting(150, "Resolution films are rendered at, dots per inch (300 for a laser printer's best).",
+                       minimum=50, maximum=600)
+    clinic_name: str = setting("", "Printed in each film's header line (with the device and the date).")
+    header: bool = setting(True, "Print a header line on each film (patient name only when the device's procedure step names one).")
+    lp_command: str = setting("lp", "The CUPS client command used to submit PDFs.")
+    cups_server: str = setting("", "CUPS server (host:port) for lp -h; empty: the system default.")
+    retry_seconds: float = setting(30.0, "Seconds before a failed output (printer off, CUPS stopped) is tried again.",
+                                   minimum=1, maximum=86400)
+    keep_days: int = setting(14, "Days rendered PDFs stay in the data dir's prints/ folder after printing.",
+                             minimum=0, maximum=3650)
+    step_minutes: int = setting(60, "A procedure step completed this many minutes ago still names the patient of a print.",
+                                minimum=0, maximum=1440)
+    printer_name: str = setting("ClinicBox", "Printer Name a modality sees (N-GET of the Printer).")
+
+    def validate(self) -> None:
+        check_print_destinations("print.destinations", self.destinations)
+
+
 @dataclass(frozen=True)
 class LoggingSettings:
     level: str = setting("INFO", "Log level for every room.",
@@ -213,6 +245,7 @@ class Config:
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     intake: IntakeSettings = field(default_factory=IntakeSettings)
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
+    print: PrintSettings = field(default_factory=PrintSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
     @property
@@ -237,7 +270,8 @@ class Config:
 _SECTIONS: dict[str, type] = {"server": ServerSettings, "storage": StorageSettings, "query": QuerySettings,
                               "worklist": WorklistSettings, "backup": BackupSettings, "jobs": JobsSettings,
                               "integrity": IntegritySettings, "retention": RetentionSettings,
-                              "intake": IntakeSettings, "reconcile": ReconcileSettings, "logging": LoggingSettings}
+                              "intake": IntakeSettings, "reconcile": ReconcileSettings, "print": PrintSettings,
+                              "logging": LoggingSettings}
 
 
 def _field(cls: type, name: str) -> dataclasses.Field:
@@ -319,6 +353,7 @@ def _cron_problem(expression: str) -> str | None:
 def _validate_schedules(cfg: "Config") -> None:
     cfg.retention.validate()
     cfg.intake.validate()
+    cfg.print.validate()
     for name in ("backup", "restore_test", "scrub", "retention"):
         expression = getattr(cfg.jobs, name)
         if not expression:

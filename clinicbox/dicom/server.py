@@ -12,10 +12,12 @@ from pynetdicom.presentation import build_context
 
 from clinicbox.archive.ingest import Archive
 from clinicbox.archive.query import QueryOptions
-from clinicbox.core.config import QuerySettings, ServerSettings, WorklistSettings
-from clinicbox.dicom import answers, commitment, contexts, find, handlers, move, retrieve, tuning, worklist
+from clinicbox.core.config import PrintSettings, QuerySettings, ServerSettings, WorklistSettings
+from clinicbox.dicom import answers, commitment, contexts, find, handlers, move, printscp, retrieve, tuning, worklist
 from clinicbox.dicom.session import session_of
 from clinicbox.orders.book import OrderBook
+from clinicbox.printing import film as pf
+from clinicbox.printing.relay import PrintRelay
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,17 @@ def _log_device(ae_title: str, host: str, fut) -> None:
         log.info("new device seen: %s at %s", ae_title, host)
 
 
+def _n_by_class(event, handlers: dict, default):
+    """An N-service request to the door of its SOP class (print, MPPS, storage commitment)."""
+    req = event.request
+    cls = req.AffectedSOPClassUID if type(req).__name__ == "N_CREATE" else req.RequestedSOPClassUID
+    return handlers.get(str(cls), default)(event)
+
+
+def _not_supported(event):
+    return 0x0118, None  # no such SOP class
+
+
 def _by_sop_class(event, handlers: dict, default):
     """C-FIND of one service or another (worklist, query/retrieve), by the request's SOP class."""
     handler = handlers.get(str(event.request.AffectedSOPClassUID), default)
@@ -45,7 +58,8 @@ class DicomServer:
     """Hosts every SCP on one port. Built by the app's composition root."""
 
     def __init__(self, settings: ServerSettings, archive: Archive, book: OrderBook,
-                 query: QuerySettings = QuerySettings(), worklist_settings: WorklistSettings = WorklistSettings()) -> None:
+                 query: QuerySettings = QuerySettings(), worklist_settings: WorklistSettings = WorklistSettings(),
+                 relay: PrintRelay | None = None, print_settings: PrintSettings = PrintSettings()) -> None:
         self.settings = settings
         self.query = query
         self.worklist = worklist_settings
@@ -71,11 +85,24 @@ class DicomServer:
             (evt.EVT_C_ECHO, handlers.handle_echo),
             (evt.EVT_C_STORE, handlers.handle_store, [archive]),
             (evt.EVT_C_GET, retrieve.handle_get, [archive]),
-            (evt.EVT_N_ACTION, commitment.handle_n_action, [archive, settings.ae_title]),
             (evt.EVT_C_FIND, _by_sop_class, [self._find_handlers, qr_find]),
-            (evt.EVT_N_CREATE, worklist.handle_n_create, [book]),
-            (evt.EVT_N_SET, worklist.handle_n_set, [book]),
         ]
+        commit = partial(commitment.handle_n_action, archive=archive, our_ae_title=settings.ae_title)
+        n_create, n_set, n_action = {}, {}, {}
+        n_get, n_delete = {}, {}
+        if relay is not None:
+            for cls in printscp.PRINT_SOP_CLASSES:
+                n_create[cls], n_set[cls] = printscp.handle_n_create, printscp.handle_n_set
+                n_action[cls], n_delete[cls] = partial(printscp.handle_n_action, relay=relay), printscp.handle_n_delete
+            n_get[pf.PRINTER] = partial(printscp.handle_n_get, settings=print_settings)
+        self._handlers += [
+            (evt.EVT_N_CREATE, _n_by_class, [n_create, partial(worklist.handle_n_create, book=book)]),
+            (evt.EVT_N_SET, _n_by_class, [n_set, partial(worklist.handle_n_set, book=book)]),
+            (evt.EVT_N_ACTION, _n_by_class, [n_action, commit]),
+            (evt.EVT_N_GET, _n_by_class, [n_get, _not_supported]),
+            (evt.EVT_N_DELETE, _n_by_class, [n_delete, lambda event: 0x0118]),
+        ]
+        self._print = relay is not None
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -100,6 +127,8 @@ class DicomServer:
         native = frozenset(contexts.NATIVE_SYNTAXES)
         self._supported.update({uid: native for uid in (*find.MODELS, *retrieve.MODELS, *retrieve.MOVE_MODELS,
                                                         commitment.SOP_CLASS, worklist.MWL_FIND, worklist.MPPS)})
+        if self._print:
+            self._supported.update({uid: native for uid in printscp.META_CLASSES})
         return ae
 
     def start(self) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from clinicbox.archive import index as idx
 from clinicbox.archive.ingest import Archive
 from clinicbox.core.config import Config
+from clinicbox.printing.relay import PrintRelay
 from clinicbox.reconcile.queue import Reconciler
 from clinicbox.jobs import backup
 
@@ -118,12 +119,16 @@ def plan(config: Config, archive: Archive, today: date | None = None) -> list[di
 
 
 def _expire_trash(config: Config, archive: Archive, *, dry_run: bool, who: str) -> dict:
-    """Rejected reconciliation items past reconcile.trash_days go, whether or not retention is enabled."""
+    """Rejected reconciliation items past reconcile.trash_days and rendered print PDFs past print.keep_days
+    go, whether or not retention (of studies) is enabled."""
     reconciler = Reconciler(archive, config.intake, config.reconcile)
     reconciler.open()
+    relay = PrintRelay(archive, config.print)
+    relay.open()
     if dry_run:
-        return {"trash_items_due": reconciler.expire_rejected(dry_run=True)["expired_items"]}
-    return reconciler.expire_rejected(who=who)
+        return {"trash_items_due": reconciler.expire_rejected(dry_run=True)["expired_items"],
+                **relay.expire_scratch(dry_run=True)}
+    return reconciler.expire_rejected(who=who) | relay.expire_scratch()
 
 
 def run_retention(config: Config, archive: Archive, *, dry_run: bool = False, who: str = "retention job",

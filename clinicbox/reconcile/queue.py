@@ -27,13 +27,7 @@ from clinicbox.archive.ingest import Archive, StoreOutcome
 from clinicbox.core.config import IntakeSettings, ReconcileSettings
 from clinicbox.orders import schema as orders_schema
 from clinicbox.reconcile import schema
-from clinicbox.reconcile.match import (
-    MATCHED,
-    classify,
-    is_document,
-    known_patients,
-    person_key,
-)
+from clinicbox.reconcile.match import MATCHED, UNKNOWN, Verdict, classify, is_document, known_patients, person_key
 from clinicbox.reconcile.rewrite import rewrite
 
 log = logging.getLogger(__name__)
@@ -81,12 +75,23 @@ class Reconciler:
 
     def hook(self, conn: sqlite3.Connection, record: idx.InstanceRecord) -> int | None:
         role, mode = self.mode_of(conn, record.calling_ae)
+        if record.source == "print":
+            # a printed image: the patient is what the device's procedure step named, or nobody yet
+            mode = "match"
+            if not record.values.get("PatientID"):
+                verdict = Verdict(UNKNOWN, [f"printed by {record.calling_ae or '?'}, which had no procedure step "
+                                            "in progress naming the patient"])
+                return self._hold(conn, record, verdict, role, "print")
         if mode == "accept":
             return None
         need_known = mode == "match" and (self.intake.match_scope == "all" or is_document(record.sop_class_uid))
         verdict = classify(conn, record.values, match_on=self.intake.match_on, need_known_patient=need_known)
         if verdict.kind == MATCHED:
             return None
+        return self._hold(conn, record, verdict, role, mode)
+
+    def _hold(self, conn: sqlite3.Connection, record: idx.InstanceRecord, verdict: Verdict, role: str,
+              mode: str) -> int:
         v = record.values
         key = (record.calling_ae, v.get("StudyInstanceUID", ""), v.get("PatientID", ""), v.get("PatientName", ""),
                v.get("PatientBirthDate", ""), verdict.kind)
