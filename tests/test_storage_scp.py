@@ -210,6 +210,11 @@ def test_accepted_sockets_get_tcp_nodelay_and_a_large_pdu(tmp_path):
         ae, assoc = _scu(appliance.dicom.port, [build_context("1.2.840.10008.1.1")])
         assert assoc.is_established
         assert assoc.acceptor.maximum_length == 4194304  # what ClinicBox told the sender
+        import time as _time
+        deadline = _time.monotonic() + 5  # the acceptor's thread may mark itself established a moment later
+        while _time.monotonic() < deadline and not any(
+                a.is_established for a in appliance.dicom._server.active_associations):
+            _time.sleep(0.01)
         (server_side,) = [a for a in appliance.dicom._server.active_associations if a.is_established]
         sock = server_side.dul.socket.socket
         assert sock.getsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY) != 0

@@ -71,7 +71,7 @@ def secondary_capture(pixels: np.ndarray, *, patient: PrintPatient, study_uid: s
     ds.StudyID = ""
     ds.SeriesNumber = 9000  # apart from the modality's own series
     ds.InstanceNumber = number
-    ds.Laterality = ""
+    ds.Laterality = ""          # Type 2C; dciodvfy cannot evaluate the condition and wants it present
     ds.PatientOrientation = ""
     ds.BurnedInAnnotation = "YES"  # films carry the modality's burnt-in text
     ds.ImageType = ["DERIVED", "SECONDARY", "PRINT"]

@@ -360,10 +360,9 @@ def _pixels(item, color: bool) -> tuple[np.ndarray, int]:
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise PrintRefusal(INVALID_VALUE, f"grayscale image must be MONOCHROME1/2, not {photometric}")
     if allocated == 8:
-        arr = np.frombuffer(data, dtype=np.uint8, count=rows * cols)
         if len(data) < rows * cols:
             raise PrintRefusal(INVALID_VALUE, f"Pixel Data has {len(data)} bytes, {rows * cols} needed")
-        out = arr.reshape(rows, cols).copy()
+        out = np.frombuffer(data, dtype=np.uint8, count=rows * cols).reshape(rows, cols).copy()
     elif allocated == 16:
         if len(data) < rows * cols * 2:
             raise PrintRefusal(INVALID_VALUE, f"Pixel Data has {len(data)} bytes, {rows * cols * 2} needed")
