@@ -367,8 +367,10 @@ def _pixels(item, color: bool) -> tuple[np.ndarray, int]:
         if len(data) < rows * cols * 2:
             raise PrintRefusal(INVALID_VALUE, f"Pixel Data has {len(data)} bytes, {rows * cols * 2} needed")
         arr = np.frombuffer(data, dtype="<u2", count=rows * cols).reshape(rows, cols)
-        arr = arr & ((1 << stored) - 1)
-        out = (arr.astype(np.uint32) * 255 // ((1 << stored) - 1)).astype(np.uint8)
+        stored = min(max(stored, 1), 16)
+        top = (1 << stored) - 1
+        lut = (np.arange(1 << 16, dtype=np.uint32) & top) * 255 // top      # bits above Bits Stored ignored
+        out = lut.astype(np.uint8)[arr]
     else:
         raise PrintRefusal(INVALID_VALUE, f"Bits Allocated {allocated} is not 8 or 16")
     if photometric == "MONOCHROME1":

@@ -44,7 +44,10 @@ def pdf_bytes(pages: list[Page], *, title: str = "", compress_level: int = 3) ->
         px = np.ascontiguousarray(page.pixels, dtype=np.uint8)
         h, w = px.shape[:2]
         space = b"/DeviceRGB" if px.ndim == 3 else b"/DeviceGray"
-        data = zlib.compress(px.tobytes(), compress_level)
+        packer = zlib.compressobj(compress_level)
+        flat = memoryview(px).cast("B")
+        data = b"".join([*(packer.compress(flat[i:i + (1 << 20)]) for i in range(0, len(flat), 1 << 20)),
+                         packer.flush()])
         image = add(b"<< /Type /XObject /Subtype /Image /Width %d /Height %d /ColorSpace %s /BitsPerComponent 8"
                     b" /Filter /FlateDecode /Length %d >>\nstream\n" % (w, h, space, len(data)) + data
                     + b"\nendstream")

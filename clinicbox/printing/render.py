@@ -14,6 +14,7 @@ import numpy as np
 from clinicbox.printing.film import FILM_SIZES, MAX_DENSITY, MIN_DENSITY, FilmBox
 
 CELL_GAP = 0.01  # of the image area's shorter side, between and around image boxes
+_STRIP = 128     # output rows resized at once
 
 
 def page_inches(film_size: str, orientation: str) -> tuple[float, float]:
@@ -41,20 +42,30 @@ def resize(img: np.ndarray, height: int, width: int, method: str) -> np.ndarray:
         ys = np.minimum((np.arange(height) * h) // height, h - 1)
         xs = np.minimum((np.arange(width) * w) // width, w - 1)
         return img[ys][:, xs]
-    # bilinear: sample at pixel centres
+    # bilinear: sample at pixel centres, a strip of output rows at a time (bounded temporaries)
     y = (np.arange(height, dtype=np.float32) + 0.5) * (h / height) - 0.5
     x = (np.arange(width, dtype=np.float32) + 0.5) * (w / width) - 0.5
     y0 = np.clip(np.floor(y).astype(np.int32), 0, h - 1)
     x0 = np.clip(np.floor(x).astype(np.int32), 0, w - 1)
     y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
-    wy = np.clip(y - y0, 0, 1)[:, None]
+    wy = np.clip(y - y0, 0, 1)
     wx = np.clip(x - x0, 0, 1)[None, :]
     if img.ndim == 3:
-        wy, wx = wy[..., None], wx[..., None]
-    src = img.astype(np.float32)
-    top = src[y0][:, x0] * (1 - wx) + src[y0][:, x1] * wx
-    bottom = src[y1][:, x0] * (1 - wx) + src[y1][:, x1] * wx
-    return np.clip(top * (1 - wy) + bottom * wy + 0.5, 0, 255).astype(np.uint8)
+        wx = wx[..., None]
+    out = np.empty((height, width) + img.shape[2:], dtype=np.uint8)
+    for start in range(0, height, _STRIP):
+        rows = slice(start, min(start + _STRIP, height))
+        top, bottom = img[y0[rows]], img[y1[rows]]          # uint8 strips of source rows
+        a = top[:, x0].astype(np.float32)
+        a += (top[:, x1] - a) * wx                           # (top[:, x1] promoted to float32)
+        b = bottom[:, x0].astype(np.float32)
+        b += (bottom[:, x1] - b) * wx
+        wyr = wy[rows][:, None] if img.ndim == 2 else wy[rows][:, None, None]
+        a += (b - a) * wyr
+        a += 0.5
+        np.clip(a, 0, 255, out=a)
+        out[rows] = a.astype(np.uint8)
+    return out
 
 
 def render(box: FilmBox, *, dpi: int, header_inches: float = 0.0) -> np.ndarray:
