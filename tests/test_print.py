@@ -461,3 +461,40 @@ def test_print_commands(rig):
     assert r.returncode == 1 and "no print job 9999" in r.stderr
     r = rig.box.cli("print", "retry", "1", check=False)
     assert r.returncode == 1 and "reprint" in r.stderr
+
+
+def test_instance_uids_the_scu_omits_are_generated(rig):
+    from pynetdicom import evt
+
+    responses = []
+
+    def on_recv(event):
+        if type(event.message).__name__ == "N_CREATE_RSP":
+            responses.append(event.message.command_set)
+
+    meta = pf.GRAYSCALE_META
+    ae = AE(ae_title=US2)
+    ae.add_requested_context(meta)
+    assoc = ae.associate("127.0.0.1", rig.box.port, ae_title="CLINICBOX", evt_handlers=[(evt.EVT_DIMSE_RECV, on_recv)])
+    assert assoc.is_established
+    try:
+        fs = Dataset()
+        fs.NumberOfCopies = 1
+        status, _ = assoc.send_n_create(fs, pf.FILM_SESSION, None, meta_uid=meta)
+        assert status.Status == 0x0000
+        session_uid = str(responses[-1].get("AffectedSOPInstanceUID") or "")
+        assert session_uid, "N-CREATE-RSP carries no Affected SOP Instance UID"
+        fb = Dataset()
+        fb.ImageDisplayFormat = "STANDARD\\1,1"
+        ref = Dataset()
+        ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = pf.FILM_SESSION, session_uid
+        fb.ReferencedFilmSessionSequence = [ref]
+        status, attrs = assoc.send_n_create(fb, pf.FILM_BOX, None, meta_uid=meta)
+        assert status.Status == 0x0000
+        box_uid = str(responses[-1].get("AffectedSOPInstanceUID") or "")
+        assert box_uid and box_uid != session_uid
+        assert len(attrs.ReferencedImageBoxSequence) == 1
+        status = assoc.send_n_delete(pf.FILM_SESSION, session_uid, meta_uid=meta)
+        assert status.Status == 0x0000
+    finally:
+        assoc.release()
