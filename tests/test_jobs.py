@@ -461,6 +461,13 @@ def test_serve_runs_a_one_second_schedule_without_overlap(tmp_path):
     assert status["last_backup"] == worked[-1]["started_at"]
     assert status["backup_target"] == str(target)
     assert status["last_verified_restore"] is None
+    assert "last verified restore: never" in box.cli("jobs", "history", "--config", str(config)).stdout
+    # a restore test by hand: now both say when the last verified restore was
+    assert box.cli("jobs", "run", "restore-test", "--config", str(config)).returncode == 0
+    status = json.loads(box.cli("status", "--json", "--config", str(config)).stdout)
+    assert status["last_verified_restore"]
+    shown = box.cli("jobs", "history", "--config", str(config)).stdout
+    assert "last verified restore: " in shown and "never" not in shown.splitlines()[0]
 
 
 def test_serve_runs_a_missed_backup_once_at_start(tmp_path):

@@ -132,16 +132,22 @@ def cmd_jobs_run(args, config: cfg.Config) -> int:
 
 
 def cmd_jobs_history(args, config: cfg.Config) -> int:
-    from clinicbox.jobs.runner import history
+    from clinicbox.jobs.runner import history, last_ok
 
     archive = _open_jobs(config)
     try:
         rows = history(archive, args.job)
+        verified = last_ok(archive, "restore-test")
     finally:
         archive.close()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    if verified:
+        backup_id = json.loads(verified["figures"] or "{}").get("backup", "?")
+        print(f"last verified restore: {verified['ended_at'] or verified['started_at']} (backup {backup_id})")
+    else:
+        print("last verified restore: never (clinicbox jobs run restore-test)")
     if not rows:
         print("no job runs yet")
     for r in rows:
