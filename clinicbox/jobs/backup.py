@@ -43,11 +43,15 @@ log = logging.getLogger(__name__)
 
 
 
-def _objects_sql(conn: sqlite3.Connection) -> str:
+def _has_held(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'held_objects'").fetchone() is not None
+
+
+def _objects_sql(conn: sqlite3.Connection, columns: str = "path, size, sha256", where: str = "state = 'ok'") -> str:
     """The stored objects of an index: its instances and (since archive migration 0005) held objects."""
-    sql = "SELECT path, size, sha256 FROM instances WHERE state = 'ok'"
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'held_objects'").fetchone():
-        sql += " UNION ALL SELECT path, size, sha256 FROM held_objects WHERE state = 'ok'"
+    sql = f"SELECT {columns} FROM instances WHERE {where}"
+    if _has_held(conn):
+        sql += f" UNION ALL SELECT {columns} FROM held_objects WHERE {where}"
     return sql
 
 ROOT = "clinicbox-backup"
@@ -251,8 +255,8 @@ def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2
         # no longer part of the archive, so not part of this backup either
         live = sqlite3.connect(f"file:{data_dir / INDEX_FILE}?mode=ro", uri=True, timeout=60)
         try:
-            still = {p for p in gone if live.execute("SELECT 1 FROM instances WHERE path=? UNION ALL"
-                                                     " SELECT 1 FROM held_objects WHERE path=?", (p, p)).fetchone()}
+            still_sql = _objects_sql(live, "1", "path = ?")
+            still = {p for p in gone if live.execute(still_sql, (p,) * still_sql.count("?")).fetchone()}
         finally:
             live.close()
         dropped = set(gone) - still
@@ -264,7 +268,8 @@ def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2
                         row = snap.execute("SELECT sop_instance_uid FROM instances WHERE path=?", (p,)).fetchone()
                         if row:
                             delete_instance(snap, row[0])
-                        snap.execute("DELETE FROM held_objects WHERE path=?", (p,))
+                        if _has_held(snap):
+                            snap.execute("DELETE FROM held_objects WHERE path=?", (p,))
                     counts = {t: snap.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
                               for t in ("patients", "studies", "series", "instances")}
             finally:
@@ -289,8 +294,7 @@ def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2
     # named (else pruning would delete the last good copy before the scrub can repair from it)
     snap = sqlite3.connect(bdir / INDEX_FILE)
     try:
-        unhealthy = snap.execute("SELECT path, state FROM instances WHERE state != 'ok' UNION ALL"
-                                 " SELECT path, state FROM held_objects WHERE state != 'ok'").fetchall()
+        unhealthy = snap.execute(_objects_sql(snap, "path, state", "state != 'ok'")).fetchall()
     finally:
         snap.close()
     for relpath, state in unhealthy:
