@@ -21,8 +21,6 @@ from pathlib import Path
 from clinicbox.archive import index as idx
 from clinicbox.archive.ingest import Archive
 from clinicbox.core.config import Config
-from clinicbox.printing.relay import PrintRelay
-from clinicbox.reconcile.queue import Reconciler
 from clinicbox.jobs import backup
 
 log = logging.getLogger(__name__)
@@ -121,6 +119,10 @@ def plan(config: Config, archive: Archive, today: date | None = None) -> list[di
 def _expire_trash(config: Config, archive: Archive, *, dry_run: bool, who: str) -> dict:
     """Rejected reconciliation items past reconcile.trash_days and rendered print PDFs past print.keep_days
     go, whether or not retention (of studies) is enabled."""
+    # imported here: they bring pydicom and numpy, which every other job command would pay for at start-up
+    from clinicbox.printing.relay import PrintRelay
+    from clinicbox.reconcile.queue import Reconciler
+
     reconciler = Reconciler(archive, config.intake, config.reconcile)
     reconciler.open()
     relay = PrintRelay(archive, config.print)
