@@ -173,8 +173,12 @@ def test_unknown_calling_ae_rejected_when_not_allowed(tmp_path):
         assert "calling AE title not recognized" in box.log() and "STRANGER" in box.log()
         wrong_called = _associate(box.port, [build_context("1.2.840.10008.1.1")], ae_title="US_ROOM1",
                                   called="NOTCLINICBOX")
-        assert wrong_called.is_rejected
-        assert "called AE title not recognized" in box.log()
+        # the server sends A-ASSOCIATE-RJ and closes; pynetdicom's requestor sometimes sees the close
+        # before the RJ (then it reports an abort): what counts is that it was refused, and why
+        assert not wrong_called.is_established
+        assert wrong_called.is_rejected or wrong_called.is_aborted
+        assert "association rejected (called AE title not recognized): US_ROOM1" in box.log()
+        assert "called NOTCLINICBOX" in box.log()
         friend = _associate(box.port, [build_context("1.2.840.10008.1.1")], ae_title="US_ROOM1")
         assert friend.is_established
         friend.release()

@@ -264,8 +264,9 @@ class DicomServer:
             session = session_of(event.assoc)
             rq = event.assoc.requestor
             reason = _REJECT_REASONS.get((prim.result_source, prim.diagnostic), f"diagnostic {prim.diagnostic}")
+            asked = getattr(rq.primitive, "called_ae_title", None) if rq.primitive is not None else None
             log.warning("association rejected (%s): %s@%s:%s called %s", reason,
-                        rq.ae_title or "?", session.host, session.port, event.assoc.acceptor.ae_title)
+                        rq.ae_title or "?", session.host, session.port, asked or event.assoc.acceptor.ae_title)
 
     def _on_conn_close(self, event) -> None:
         tuning.release_association(event.assoc)
