@@ -33,15 +33,21 @@ def density_value(density: str, min_density: str = str(MIN_DENSITY), max_density
     return int(round(255 * (hi - d) / max(1, hi - lo)))
 
 
-def resize(img: np.ndarray, height: int, width: int, method: str) -> np.ndarray:
-    """``img`` (rows, cols[, 3], uint8) scaled to height × width."""
+def resize(img: np.ndarray, height: int, width: int, method: str, out: np.ndarray | None = None) -> np.ndarray:
+    """``img`` (rows, cols[, 3], uint8) scaled to height × width (into ``out`` when given)."""
     h, w = img.shape[:2]
+    if out is None:
+        out = np.empty((height, width) + img.shape[2:], dtype=np.uint8)
     if (h, w) == (height, width):
-        return img
+        out[...] = img
+        return out
     if method == "REPLICATE" or height < 2 or width < 2 or h < 2 or w < 2:
         ys = np.minimum((np.arange(height) * h) // height, h - 1)
         xs = np.minimum((np.arange(width) * w) // width, w - 1)
-        return img[ys][:, xs]
+        for start in range(0, height, _STRIP):
+            rows = slice(start, min(start + _STRIP, height))
+            out[rows] = img[ys[rows]][:, xs]
+        return out
     # bilinear: sample at pixel centres, a strip of output rows at a time (bounded temporaries)
     y = (np.arange(height, dtype=np.float32) + 0.5) * (h / height) - 0.5
     x = (np.arange(width, dtype=np.float32) + 0.5) * (w / width) - 0.5
@@ -52,7 +58,6 @@ def resize(img: np.ndarray, height: int, width: int, method: str) -> np.ndarray:
     wx = np.clip(x - x0, 0, 1)[None, :]
     if img.ndim == 3:
         wx = wx[..., None]
-    out = np.empty((height, width) + img.shape[2:], dtype=np.uint8)
     for start in range(0, height, _STRIP):
         rows = slice(start, min(start + _STRIP, height))
         top, bottom = img[y0[rows]], img[y1[rows]]          # uint8 strips of source rows
@@ -106,13 +111,16 @@ def render(box: FilmBox, *, dpi: int, header_inches: float = 0.0) -> np.ndarray:
         else:
             scale = min(cw / iw, ch / ih)
         tw, th = max(1, int(round(iw * scale))), max(1, int(round(ih * scale)))
-        scaled = resize(img, th, tw, method)
         if th > ch or tw > cw:  # NONE with an image larger than its box: centre crop
+            scaled = resize(img, th, tw, method)
             oy, ox = max(0, (th - ch) // 2), max(0, (tw - cw) // 2)
             scaled = scaled[oy:oy + ch, ox:ox + cw]
             th, tw = scaled.shape[:2]
-        py, px = y0 + (ch - th) // 2, x0 + (cw - tw) // 2
-        page[py:py + th, px:px + tw] = scaled
+            py, px = y0 + (ch - th) // 2, x0 + (cw - tw) // 2
+            page[py:py + th, px:px + tw] = scaled
+        else:  # straight into the page: no second copy of a large image
+            py, px = y0 + (ch - th) // 2, x0 + (cw - tw) // 2
+            resize(img, th, tw, method, out=page[py:py + th, px:px + tw])
         if box.trim == "YES":
             edge = 255 - border
             page[py:py + th, [px, px + tw - 1]] = edge
