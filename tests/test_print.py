@@ -498,3 +498,30 @@ def test_instance_uids_the_scu_omits_are_generated(rig):
         assert status.Status == 0x0000
     finally:
         assoc.release()
+
+
+def test_printer_status_by_n_get_of_one_attribute_and_a_warned_n_create_keeps_its_uid(rig):
+    from pynetdicom import evt
+
+    responses = []
+
+    def on_recv(event):
+        if type(event.message).__name__ == "N_CREATE_RSP":
+            responses.append(event.message.command_set)
+
+    meta = pf.GRAYSCALE_META
+    ae = AE(ae_title=US2)
+    ae.add_requested_context(meta)
+    assoc = ae.associate("127.0.0.1", rig.box.port, ae_title="CLINICBOX", evt_handlers=[(evt.EVT_DIMSE_RECV, on_recv)])
+    assert assoc.is_established
+    try:
+        status, attrs = assoc.send_n_get([0x21100010], pf.PRINTER, pf.PRINTER_INSTANCE, meta_uid=meta)
+        assert status.Status == 0x0000 and attrs.PrinterStatus == "NORMAL" and "PrinterName" not in attrs
+        fs = Dataset()
+        fs.NumberOfCopies = 1
+        fs.MemoryAllocation = 1000  # not supported: a warning, but the SCP-assigned UID must reach the SCU
+        status, _ = assoc.send_n_create(fs, pf.FILM_SESSION, None, meta_uid=meta)
+        assert status.Status in (0x0000, pf.WARN_MEMORY_ALLOCATION)
+        assert str(responses[-1].get("AffectedSOPInstanceUID") or "")
+    finally:
+        assoc.release()

@@ -199,3 +199,46 @@ def test_rendered_pdfs_expire_with_the_retention_job(relay, tmp_path):
     # and the retention job runs the expiry (retention of studies itself disabled)
     figures = run_retention(relay.config, relay.archive)
     assert figures["enabled"] is False and "print_scratch_removed" in figures
+
+
+# --- regressions from the review of 2026-11-23 -------------------------------------------------------
+
+def _performed(relay, ae: str, pid: str, status: str, *, created_ago=timedelta(0), updated_ago=timedelta(0)):
+    now = datetime.now(timezone.utc)
+    stamp = lambda d: (now - d).isoformat(timespec="milliseconds")  # noqa: E731
+    relay.archive.writer.call(lambda conn: conn.execute(
+        "INSERT INTO performed_steps (sop_instance_uid, status, calling_ae, patient_id, patient_name, attributes,"
+        " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+        (generate_uid(), status, ae, pid, f"P^{pid}", "{}", stamp(created_ago), stamp(updated_ago))))
+
+
+def test_a_print_names_a_patient_only_when_one_step_fits(relay):
+    assert not relay.patient_for("US9").known
+    _performed(relay, "US9", "A1", "IN PROGRESS")
+    assert relay.patient_for("US9").patient_id == "A1"
+    _performed(relay, "US9", "B2", "COMPLETED", updated_ago=timedelta(minutes=2))
+    assert not relay.patient_for("US9").known          # two patients fit: nobody is guessed
+    _performed(relay, "US7", "C3", "IN PROGRESS", created_ago=timedelta(hours=13))
+    assert not relay.patient_for("US7").known          # an MPPS never completed is stale
+    _performed(relay, "US8", "D4", "COMPLETED", updated_ago=timedelta(minutes=30))
+    assert not relay.patient_for("US8").known          # completed longer ago than print.step_minutes (10)
+
+
+def test_a_destination_that_raises_anything_is_recorded_and_the_queue_goes_on(relay, tmp_path):
+    (tmp_path / "share").mkdir()
+
+    def broken(*_args):
+        raise RuntimeError("association lost")
+
+    relay.forwarders["dicom"] = broken
+    first = _film(relay)
+    relay.archive.writer.call(lambda conn: conn.execute(
+        "INSERT INTO print_outputs (job_id, destination) VALUES (?, 'dicom:FILM')", (first,)))
+    second = _film(relay)
+    relay.run_due()
+    one, two = relay.job(first), relay.job(second)
+    assert one["status"] == "waiting" and "association lost" in one["last_error"]
+    assert {o["destination"]: o["status"] for o in one["outputs"]} == {
+        f"folder:{tmp_path / 'share'}": "ok", "dicom:FILM": "failed"}
+    assert two["status"] == "done"
+    assert relay.run_due() == 0  # the failed one waits for print.retry_seconds, not a busy loop

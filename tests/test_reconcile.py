@@ -278,3 +278,109 @@ def test_list_and_show_through_the_cli(tmp_path, capsys):
     assert "no patient with ID Q9" in capsys.readouterr().err
     assert main(["reconcile", "list", "--json", "--status", "all", "--data-dir", data]) == 0
     assert json.loads(capsys.readouterr().out)[0]["status"] == "held"
+
+
+# --- regressions from the review of 2026-11-23 -------------------------------------------------------
+
+def test_an_object_arriving_while_an_item_is_released_is_released_too(room):
+    room.order("P1", "DOE^JANE")
+    first = sc_scan(patient_id="P1", patient_name="DOE^JOAN", seed=1)
+    held = room.send(first, "CAP1")
+    late = sc_scan(patient_id="P1", patient_name="DOE^JOAN", seed=2, study_uid=first.StudyInstanceUID)
+    real = room.rec._release_one
+    arrived = []
+
+    def release_one(*args, **kwargs):
+        if not arrived:  # the sender's next object lands in the same open item mid-release
+            arrived.append(room.send(late, "CAP1"))
+        return real(*args, **kwargs)
+
+    room.rec._release_one = release_one
+    result = room.rec.assign(held.held_item, "P1", who="desk")
+    assert arrived[0].held_item == held.held_item
+    assert result["objects"] == 2
+    assert room.archive.index.conn.execute("SELECT count(*) FROM held_objects").fetchone()[0] == 0
+    assert room.patient_of(late.SOPInstanceUID)[0] == "P1"
+
+
+def test_a_held_copy_never_shares_a_file_with_a_row_flagged_missing(room):
+    ds = sc_scan(patient_id="A1", patient_name="ONE^ANN")
+    assert room.send(ds, "CT1").outcome is StoreOutcome.STORED
+    row = room.archive.index.instance(ds.SOPInstanceUID)
+    room.archive.store.abspath(row["path"]).unlink()
+    assert repair(room.archive).missing == 1
+    ds.PatientName = "TWO^BOB"  # the same UID again, claiming another name: held
+    held = room.send(ds, "CT1")
+    assert held.outcome is StoreOutcome.HELD
+    (h,) = room.archive.index.held(ds.SOPInstanceUID)
+    assert h["path"] != row["path"]
+
+
+def test_new_patient_with_another_issuer_gets_its_own_study(room):
+    first = sc_scan(patient_id="1234", patient_name="ALPHA^ANN")
+    first.IssuerOfPatientID = "HOSP_A"
+    room.archive.add_device("OTHER", "ARCH1", "127.0.0.1", 104, "archive")
+    assert room.send(first, "ARCH1").outcome is StoreOutcome.STORED       # accept: as sent
+    second = sc_scan(patient_id="1234", patient_name="BETA^BOB", seed=5, study_uid=first.StudyInstanceUID)
+    second.IssuerOfPatientID = "CLINIC_B"
+    held = room.send(second, "EMR1")
+    assert held.outcome is StoreOutcome.HELD
+    room.rec.new_patient(held.held_item, who="desk")
+    pid, name, study = room.patient_of(second.SOPInstanceUID)
+    assert (pid, name) == ("1234", "BETA^BOB") and study != first.StudyInstanceUID
+    assert room.patient_of(first.SOPInstanceUID)[1] == "ALPHA^ANN"
+
+
+def test_a_resend_of_a_rejected_object_is_kept(room):
+    ds = encapsulated_pdf(make_pdf("x"), patient_id="Q7", patient_name="QUEUE^SEVEN")
+    held = room.send(ds)
+    room.rec.reject(held.held_item, reason="not registered yet", who="desk")
+    again = room.send(ds)  # the EMR sends it again once the patient is registered
+    assert again.outcome is StoreOutcome.HELD and again.held_item != held.held_item
+    assert len(room.archive.index.held(ds.SOPInstanceUID)) == 2
+
+
+def test_a_different_version_of_a_stored_uid_stays_held_under_keep_first(room):
+    room.order("P1", "DOE^JANE")
+    ds = sc_scan(patient_id="P1", patient_name="DOE^JOAN")
+    held = room.send(ds, "CAP1")                                   # held: another name
+    ds.PatientName = "DOE^JANE"
+    ds.PixelData = bytes(len(ds.PixelData))
+    assert room.send(ds, "CAP1").outcome is StoreOutcome.STORED     # then a corrected, different version
+    with pytest.raises(ReconcileError, match="another version"):
+        room.rec.assign(held.held_item, "P1", who="desk")
+    assert room.rec.item(held.held_item)["status"] == "held" and room.rec.item(held.held_item)["held"] == 1
+
+
+def test_objects_without_a_patient_id_are_held_even_from_a_modality(room):
+    ds = ct_dataset("1.2.826.0.1.3680043.10.1234.60", "1.2.826.0.1.3680043.10.1234.61", 1, rows=4, cols=4,
+                    patient_id="", patient_name="")
+    ds.AccessionNumber = ""
+    result = room.send(ds, "CT1")
+    assert result.outcome is StoreOutcome.HELD
+    assert room.rec.item(result.held_item)["reasons"] == ["the object has no patient ID"]
+
+
+def test_staff_values_are_checked_before_anything_is_rewritten(room):
+    held = room.send(encapsulated_pdf(make_pdf("x"), patient_id="Q8", patient_name="QUEUE^EIGHT"))
+    with pytest.raises(ReconcileError, match="birth"):
+        room.rec.new_patient(held.held_item, birth_date="02.01.1980", who="desk")
+    with pytest.raises(ReconcileError, match="backslash"):
+        room.rec.new_patient(held.held_item, patient_id="A\\B", who="desk")
+    assert room.rec.item(held.held_item)["status"] == "held"
+    room.rec.new_patient(held.held_item, birth_date="1980-01-02", who="desk")
+    row = room.archive.index.conn.execute("SELECT patient_birth_date FROM patients WHERE patient_id='Q8'").fetchone()
+    assert row[0] == "19800102"
+
+
+def test_the_scrub_checks_held_objects_too(room):
+    from clinicbox.jobs.integrity import scrub
+
+    held = room.send(encapsulated_pdf(make_pdf("x"), patient_id="Q9", patient_name="QUEUE^NINE"))
+    (h,) = room.archive.index.held(held.sop_instance_uid)
+    path = room.archive.store.abspath(h["path"])
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0xFF
+    path.write_bytes(bytes(data))
+    figures = scrub(room.archive)
+    assert figures["damaged"] == 1 and figures["problems"][0]["sop_instance_uid"] == held.sop_instance_uid

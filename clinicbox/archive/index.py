@@ -220,6 +220,19 @@ def _m0005(db) -> None:
     )
 
 
+@migrations(name="0006_held_trash")
+def _m0006(db) -> None:
+    db.executescript(
+        """
+        -- 1: the held object is in the trash (its item was rejected): not a live copy, so a re-send
+        -- of the same object is not a duplicate of it
+        ALTER TABLE held_objects ADD COLUMN trashed INTEGER NOT NULL DEFAULT 0;
+        -- held objects are scrubbed like indexed ones
+        ALTER TABLE held_objects ADD COLUMN verified_at TEXT;
+        """
+    )
+
+
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -507,8 +520,13 @@ class Index:
 
     def held(self, sop_instance_uid: str) -> list[sqlite3.Row]:
         """Held copies of ``sop_instance_uid`` (objects waiting in the reconciliation queue)."""
-        return self.conn.execute("SELECT id, item_id, path, sha256 FROM held_objects WHERE sop_instance_uid=?",
-                                 (sop_instance_uid,)).fetchall()
+        return self.conn.execute("SELECT id, item_id, path, sha256, trashed FROM held_objects"
+                                 " WHERE sop_instance_uid=?", (sop_instance_uid,)).fetchall()
+
+    def path_in_use(self, relpath: str) -> bool:
+        """Whether an indexed instance or a held object names this file."""
+        return self.conn.execute("SELECT 1 FROM instances WHERE path=? UNION ALL SELECT 1 FROM held_objects"
+                                 " WHERE path=?", (relpath, relpath)).fetchone() is not None
 
     def instance_paths(self) -> set[str]:
         """Every object file the index knows: indexed instances and held objects."""

@@ -196,10 +196,10 @@ class Archive:
         with self._uid_lock(uid):
             existing = self.index.instance(uid)
             held = [h for h in self.index.held(uid) if h["id"] != releasing]
-            if releasing is None and any(h["sha256"] == sha256 for h in held):
+            live_copy = next((h for h in held if h["sha256"] == sha256 and not h["trashed"]), None)
+            if releasing is None and live_copy is not None:
                 log.debug("instance %s already held for reconciliation, identical: nothing added", uid)
-                return StoreResult(StoreOutcome.DUPLICATE, uid, cls, parsed.size,
-                                   held_item=next(h["item_id"] for h in held if h["sha256"] == sha256))
+                return StoreResult(StoreOutcome.DUPLICATE, uid, cls, parsed.size, held_item=live_copy["item_id"])
             replacing = False
             if existing is not None and existing["state"] == "ok":
                 if existing["sha256"] == sha256:
@@ -220,8 +220,11 @@ class Archive:
                 # never overwrite an acknowledged object before its replacement is committed
                 relpath = self.store.relpath_for(uid, version=sha256[:16])
                 superseded = existing["path"]
-            elif held or releasing is not None:
-                relpath = self.store.relpath_for(uid, version=sha256[:16])  # a held copy may own the plain name
+            elif existing is not None or held or releasing is not None:
+                # the plain name may belong to a held copy, or to a row flagged missing/damaged whose file
+                # may still be (or come back) there; the old file goes once this copy is committed
+                relpath = self.store.relpath_for(uid, version=sha256[:16])
+                superseded = existing["path"] if existing is not None else None
             try:
                 self.store.place(tmp, relpath, already_synced=synced)
             except OSError as exc:
@@ -245,12 +248,8 @@ class Archive:
                 return StoreResult(StoreOutcome.HELD, uid, cls, parsed.size, held_item=held_item)
             if released is not None and released != relpath:
                 self._unlink(released)
-            if superseded and superseded != relpath:
-                try:
-                    os.unlink(self.store.abspath(superseded))
-                    fsync_dir(self.store.abspath(superseded).parent)
-                except OSError as exc:
-                    log.warning("replaced instance %s: old file %s not removed: %s", uid, superseded, exc)
+            if superseded and superseded != relpath and not self.index.path_in_use(superseded):
+                self._unlink(superseded)
         if parsed.encoding_mismatch:
             log.warning("instance %s is encoded implicit VR under explicit transfer syntax %s; stored as received",
                         uid, parsed.transfer_syntax)
@@ -297,22 +296,32 @@ class Archive:
             log.warning("cannot remove %s: %s", relpath, exc)
 
     def drop_held(self, held_ids: list[int], write_extra: Callable | None = None) -> int:
-        """Remove held objects (rows first, in one commit with ``write_extra(conn)``, then files)."""
+        """Remove held objects (rows first, in one commit with ``write_extra(conn)``, then files).
+
+        Each file goes under its UID's lock and only if no row names it any more: a copy of the same
+        object that arrived meanwhile may have been placed under the same name.
+        """
         def write(conn):
-            paths = []
+            gone = []
             for hid in held_ids:
-                row = conn.execute("SELECT path FROM held_objects WHERE id=?", (hid,)).fetchone()
+                row = conn.execute("SELECT path, sop_instance_uid FROM held_objects WHERE id=?", (hid,)).fetchone()
                 if row is not None:
                     conn.execute("DELETE FROM held_objects WHERE id=?", (hid,))
-                    paths.append(row[0])
+                    gone.append((row[0], row[1]))
             if write_extra is not None:
                 write_extra(conn)
-            return paths
+            return gone
 
-        paths = self.writer.call(write)
-        for p in paths:
-            self._unlink(p)
-        return len(paths)
+        gone = self.writer.call(write)
+        for path, uid in gone:
+            with self._uid_lock(uid):
+                if not self.index.path_in_use(path):
+                    self._unlink(path)
+        return len(gone)
+
+    def trash_held(self, conn: sqlite3.Connection, item_id: int) -> None:
+        """In the caller's transaction: the item's held objects are in the trash (not live copies)."""
+        conn.execute("UPDATE held_objects SET trashed=1 WHERE item_id=?", (item_id,))
 
     @staticmethod
     def _check_identity(parsed: ParsedObject, expected_class, expected_instance) -> tuple[str, str]:

@@ -216,7 +216,8 @@ class PrintSettings:
                                    minimum=1, maximum=86400)
     keep_days: int = setting(14, "Days rendered PDFs stay in the data dir's prints/ folder after printing.",
                              minimum=0, maximum=3650)
-    step_minutes: int = setting(60, "A procedure step completed this many minutes ago still names the patient of a print.",
+    step_minutes: int = setting(10, "A procedure step completed this many minutes ago still names the patient of a print "
+                                    "(longer risks naming the previous patient when the next exam sends no MPPS).",
                                 minimum=0, maximum=1440)
     printer_name: str = setting("ClinicBox", "Printer Name a modality sees (N-GET of the Printer).")
 

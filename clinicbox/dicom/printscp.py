@@ -81,10 +81,15 @@ def handle_n_create(event):
             return _status(0x0118, f"N-CREATE of {cls} is not supported"), None
     except pf.PrintRefusal as exc:
         return _refused(event, f"N-CREATE {cls}", exc)
-    if not req.AffectedSOPInstanceUID:
-        reply.AffectedSOPInstanceUID = uid  # pynetdicom moves it into the N-CREATE-RSP
     log.info("print N-CREATE %s %s from %s", "film session" if cls == pf.FILM_SESSION else "film box", uid,
              session_of(event.assoc).who)
+    if not req.AffectedSOPInstanceUID:
+        reply.AffectedSOPInstanceUID = uid  # pynetdicom moves it into the N-CREATE-RSP ...
+        if outcome.status:  # ... on Success only: the SCU needs the UID more than the warning
+            log.warning("print N-CREATE from %s: warning 0x%04X (%s) answered as Success so the response can "
+                        "carry the UID ClinicBox assigned", session_of(event.assoc).who, outcome.status,
+                        outcome.comment)
+            return 0x0000, reply
     return _status(outcome.status, outcome.comment) if outcome.status else 0x0000, reply
 
 
@@ -125,7 +130,9 @@ def handle_n_get(event, settings: PrintSettings):
     ds.SoftwareVersions = "ClinicBox"
     ds.DateOfLastCalibration = ""
     ds.TimeOfLastCalibration = ""
-    wanted = list(req.AttributeIdentifierList or [])
+    wanted = req.AttributeIdentifierList or []
+    if not isinstance(wanted, (list, tuple)):
+        wanted = [wanted]  # pynetdicom gives a single tag bare
     if wanted:
         keep = Dataset()
         for tag in wanted:
@@ -160,7 +167,8 @@ def handle_n_action(event, relay: PrintRelay):
         job_id = relay.submit(boxes, fs, session.calling_ae)
     except Exception as exc:  # not durable: the modality must not think it printed
         log.exception("print job from %s not accepted", session.who)
-        return _status(pf.FAIL_QUEUE_FULL, f"print job not accepted: {exc}"[:64]), None
+        code = pf.FAIL_SESSION_QUEUE_FULL if cls == pf.FILM_SESSION else pf.FAIL_QUEUE_FULL
+        return _status(code, f"print job not accepted: {exc}"[:64]), None
     for box in boxes:
         box.printed = True
     log.info("print N-ACTION from %s: job %d queued (%d film(s))", session.who, job_id, len(boxes))

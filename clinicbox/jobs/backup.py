@@ -165,8 +165,26 @@ class _PoolListing:
         return [f"objects/{fan}/{name}" for fan in os.listdir(self.pool) for name in os.listdir(self.pool / fan)]
 
 
+class _Moved(Exception):
+    """Objects in the snapshot were replaced or released (moved to a new file) while it was copied."""
+
+
 def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2) -> BackupResult:
-    """Make one backup of ``data_dir`` into ``target``; prune to the newest ``keep``."""
+    """Make one backup of ``data_dir`` into ``target``; prune to the newest ``keep``.
+
+    When objects of the snapshot were replaced or released from the reconciliation queue while it
+    was being copied (their file moved), the backup is made once more from a new snapshot, so it
+    holds every object in one version or the other; should it happen again, it is finished without
+    them (the next backup has them) and says so in the log.
+    """
+    try:
+        return _run_backup(data_dir, target, keep=keep, workers=workers, moved_ok=False)
+    except _Moved as exc:
+        log.info("backup: %s; taking a new snapshot", exc)
+        return _run_backup(data_dir, target, keep=keep, workers=workers, moved_ok=True)
+
+
+def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_ok: bool) -> BackupResult:
     started = time.monotonic()
     data_dir = Path(data_dir)
     _check_target(target)
@@ -260,7 +278,12 @@ def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2
         finally:
             live.close()
         dropped = set(gone) - still
+        if dropped and not moved_ok:
+            shutil.rmtree(bdir, ignore_errors=True)
+            raise _Moved(f"{len(dropped)} object(s) moved to a new file since the snapshot")
         if dropped:
+            log.warning("backup %s: %d object(s) moved again while copying: left out of this backup, the next "
+                        "one has them", backup_id, len(dropped))
             snap = sqlite3.connect(bdir / INDEX_FILE)
             try:
                 with snap:

@@ -52,8 +52,12 @@ def _repair(archive: Archive, relpath: str, sha: str, target: Path) -> bool:
 
 def scrub(archive: Archive, *, files_per_run: int = 20000, backup_target: str | Path | None = None) -> dict:
     """One scrub run; returns its figures (checked, ok, damaged, missing, repaired, problems)."""
+    # indexed instances and objects held for reconciliation alike, the least recently verified first
     rows = archive.index.conn.execute(
-        "SELECT id, path, sha256, sop_instance_uid, state FROM instances WHERE state IN ('ok', 'damaged', 'missing')"
+        "SELECT * FROM (SELECT 'instances' AS tbl, id, path, sha256, sop_instance_uid, state, verified_at"
+        " FROM instances WHERE state IN ('ok', 'damaged', 'missing') UNION ALL"
+        " SELECT 'held_objects', id, path, sha256, sop_instance_uid, state, verified_at FROM held_objects"
+        " WHERE state IN ('ok', 'damaged', 'missing'))"
         " ORDER BY verified_at IS NOT NULL, verified_at, id LIMIT ?", (files_per_run,)).fetchall()
     now = utcnow()
     updates, problems = [], []
@@ -76,11 +80,13 @@ def scrub(archive: Archive, *, files_per_run: int = 20000, backup_target: str | 
                       row["path"])
             problems.append({"sop_instance_uid": row["sop_instance_uid"], "path": row["path"], "state": state})
         figures[state] += 1
-        updates.append((state, now, row["id"], row["path"], row["sha256"]))
+        updates.append((row["tbl"], (state, now, row["id"], row["path"], row["sha256"])))
 
     def write(conn):
         # only if the row is still the one read (not replaced or deleted while we were reading files)
-        conn.executemany("UPDATE instances SET state=?, verified_at=? WHERE id=? AND path=? AND sha256=?", updates)
+        for table in ("instances", "held_objects"):
+            conn.executemany(f"UPDATE {table} SET state=?, verified_at=? WHERE id=? AND path=? AND sha256=?",
+                             [u for t, u in updates if t == table])
 
     if updates:
         archive.writer.call(write)

@@ -37,6 +37,8 @@ from clinicbox.printing.render import page_inches, render
 log = logging.getLogger(__name__)
 
 PRINTS = "prints"
+#: an MPPS left IN PROGRESS longer than this (the modality never sent COMPLETED) names nobody's prints
+STALE_STEP_HOURS = 12
 HEADER_INCHES = 0.35
 #: lp media names for the film sizes office paper has
 _MEDIA = {"A4": "A4", "A3": "A3", "8_5INX11IN": "Letter"}
@@ -98,20 +100,29 @@ class PrintRelay:
     # --- accepting a film (the door calls this on N-ACTION) ----------------------------------------
 
     def patient_for(self, calling_ae: str) -> PrintPatient:
-        """The patient of the device's IN PROGRESS procedure step, else of one completed in the last
-        ``print.step_minutes``; an empty :class:`PrintPatient` when there is none."""
-        cutoff = _utc(datetime.now(timezone.utc) - timedelta(minutes=self.settings.step_minutes))
-        row = self.archive.index.conn.execute(
+        """Whom a print from ``calling_ae`` shows: the patient of its procedure step IN PROGRESS (begun in
+        the last 12 hours) or COMPLETED in the last ``print.step_minutes``, when exactly one patient
+        fits; otherwise nobody (the archive copies wait for reconciliation rather than guess)."""
+        now = datetime.now(timezone.utc)
+        rows = self.archive.index.conn.execute(
             "SELECT ps.modality, COALESCE(p.patient_id, ps.patient_id) AS patient_id,"
             " COALESCE(p.patient_name, ps.patient_name) AS patient_name, p.patient_birth_date, p.patient_sex,"
             " COALESCE(o.accession_number, ps.accession_number) AS accession,"
             " COALESCE(o.study_instance_uid, ps.study_instance_uid) AS study_uid"
             " FROM performed_steps ps LEFT JOIN orders o ON o.id = ps.order_pk"
             " LEFT JOIN order_patients p ON p.id = o.patient_pk"
-            " WHERE ps.calling_ae = ? AND (ps.status = 'IN PROGRESS' OR (ps.status = 'COMPLETED' AND ps.updated_at >= ?))"
-            " ORDER BY ps.status = 'IN PROGRESS' DESC, ps.updated_at DESC LIMIT 1", (calling_ae, cutoff)).fetchone()
-        if row is None or not row["patient_id"]:
+            " WHERE ps.calling_ae = ? AND ((ps.status = 'IN PROGRESS' AND ps.created_at >= ?)"
+            " OR (ps.status = 'COMPLETED' AND ps.updated_at >= ?))"
+            " ORDER BY ps.status = 'IN PROGRESS' DESC, ps.updated_at DESC",
+            (calling_ae, _utc(now - timedelta(hours=STALE_STEP_HOURS)),
+             _utc(now - timedelta(minutes=self.settings.step_minutes)))).fetchall()
+        patients = {r["patient_id"] for r in rows}
+        if len(patients) != 1 or not rows[0]["patient_id"]:
+            if len(patients) > 1:
+                log.warning("print from %s: procedure steps of %d patients are open or just completed; "
+                            "the print waits for reconciliation", calling_ae, len(patients))
             return PrintPatient()
+        row = rows[0]
         return PrintPatient(row["patient_id"], row["patient_name"] or "", row["patient_birth_date"] or "",
                             row["patient_sex"] or "", row["accession"] or "", row["study_uid"] or "",
                             row["modality"] or "")
@@ -250,11 +261,14 @@ class PrintRelay:
                 try:
                     self._deliver(out["destination"], job, films, images, pdf)
                     results[out["destination"]] = None
-                except OutputError as exc:
-                    results[out["destination"]] = str(exc)
-                    log.warning("print job %d: %s failed: %s", job_id, out["destination"], exc)
-        except (OutputError, OSError, ValueError) as exc:
-            error = f"cannot render: {exc}"
+                except Exception as exc:  # one destination's trouble is that destination's, recorded
+                    results[out["destination"]] = str(exc) or type(exc).__name__
+                    if not isinstance(exc, OutputError):
+                        log.exception("print job %d: %s failed unexpectedly", job_id, out["destination"])
+                    else:
+                        log.warning("print job %d: %s failed: %s", job_id, out["destination"], exc)
+        except Exception as exc:  # recorded and retried later: never a loop that starves the queue
+            error = f"cannot render: {exc or type(exc).__name__}"
             log.error("print job %d: %s", job_id, error)
         failed = [d for d, e in results.items() if e]
         status = schema.DONE if not error and not failed else schema.WAITING

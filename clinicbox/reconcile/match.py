@@ -121,6 +121,8 @@ def classify(conn: sqlite3.Connection, v: dict, *, match_on=("patient_id", "acce
     if reasons:
         kind = UNKNOWN if not pid else CONFLICTING
         return Verdict(kind, list(dict.fromkeys(reasons)), *suggestion)
+    if not pid:  # filed as it is, every such object would join one patient "" row with the first one's name
+        return Verdict(UNKNOWN, ["the object has no patient ID"])
     if anchors:  # every order/study the object points to is this patient's
         return Verdict(MATCHED, [], pid, anchors[0][2])
     if known:
@@ -132,6 +134,4 @@ def classify(conn: sqlite3.Connection, v: dict, *, match_on=("patient_id", "acce
         return Verdict(MATCHED, [], pid, "")
     if not need_known_patient:
         return Verdict(MATCHED, [], pid, "")
-    if not pid:
-        return Verdict(UNKNOWN, ["the object has no patient ID"])
     return Verdict(UNKNOWN, [f"no patient with ID {pid} is known"])

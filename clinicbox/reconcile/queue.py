@@ -26,6 +26,7 @@ from clinicbox.archive import index as idx
 from clinicbox.archive.ingest import Archive, StoreOutcome
 from clinicbox.core.config import IntakeSettings, ReconcileSettings
 from clinicbox.orders import schema as orders_schema
+from clinicbox.orders.model import OrderError, dicom_date, person_name
 from clinicbox.reconcile import schema
 from clinicbox.reconcile.match import MATCHED, UNKNOWN, Verdict, classify, is_document, known_patients, person_key
 from clinicbox.reconcile.rewrite import rewrite
@@ -202,12 +203,16 @@ class Reconciler:
         if known_patients(self.conn, pid, issuer):
             raise ReconcileError(f"patient ID {pid} already belongs to a known patient: assign the item to them "
                                  "(`clinicbox reconcile assign`), or give another --patient-id")
-        patient = {"PatientID": pid}
+        patient = {"PatientID": _checked(_text_value, "--patient-id", pid, 64)}
+        if patient_id is not None:
+            patient["IssuerOfPatientID"] = ""  # a new ID is the clinic's own
         if name is not None:
-            patient["PatientName"] = name
+            patient["PatientName"] = _checked(person_name, "--name", name)
         if birth_date is not None:
-            patient["PatientBirthDate"] = birth_date
+            patient["PatientBirthDate"] = _checked(dicom_date, "--birth-date", birth_date)
         if sex is not None:
+            if sex not in ("M", "F", "O", ""):
+                raise ReconcileError(f"--sex {sex!r} is not M, F or O")
             patient["PatientSex"] = sex
         decision = {"patient_id": pid, "new_patient": True}
         return self._release(item, patient, accession=None, study_uid=None, who=who, status=schema.NEW_PATIENT,
@@ -221,9 +226,12 @@ class Reconciler:
         now = idx.utcnow()
 
         def write(conn):
-            conn.execute("UPDATE reconcile_items SET status=?, decided_by=?, decided_at=?, decision=?, updated_at=?"
-                         " WHERE id=? AND status='held'",
-                         (schema.REJECTED, who, now, json.dumps({"reason": reason}), now, item_id))
+            cur = conn.execute("UPDATE reconcile_items SET status=?, decided_by=?, decided_at=?, decision=?,"
+                               " updated_at=? WHERE id=? AND status='held'",
+                               (schema.REJECTED, who, now, json.dumps({"reason": reason}), now, item_id))
+            if not cur.rowcount:
+                raise ReconcileError(f"item {item_id} was decided meanwhile; see `clinicbox reconcile show {item_id}`")
+            self.archive.trash_held(conn, item_id)
             idx.audit(conn, who, "reconcile reject", {"item": item_id, "reason": reason, "objects": item["held"]})
         self.archive.writer.call(write)
         log.info("reconciliation item %d rejected by %s (%d objects kept %d days)", item_id, who, item["held"],
@@ -279,21 +287,27 @@ class Reconciler:
             raise ReconcileError(f"accession {accession} belongs to another patient (ID {row[1]})")
         return row[0]
 
-    def _study_owner(self, study_uid: str) -> str | None:
-        row = self.conn.execute("SELECT p.patient_id FROM studies s JOIN patients p ON p.id = s.patient_pk"
-                                " WHERE s.study_instance_uid=?", (study_uid,)).fetchone()
+    def _study_owner(self, study_uid: str) -> tuple[str, str] | None:
+        """(patient ID, issuer) of the stored study or order with this Study Instance UID."""
+        row = self.conn.execute("SELECT p.patient_id, p.issuer_of_patient_id FROM studies s"
+                                " JOIN patients p ON p.id = s.patient_pk WHERE s.study_instance_uid=?",
+                                (study_uid,)).fetchone()
         if row is None:
-            row = self.conn.execute("SELECT p.patient_id FROM orders o JOIN order_patients p ON p.id = o.patient_pk"
-                                    " WHERE o.study_instance_uid=?", (study_uid,)).fetchone()
-        return None if row is None else row[0]
+            row = self.conn.execute("SELECT p.patient_id, p.issuer_of_patient_id FROM orders o"
+                                    " JOIN order_patients p ON p.id = o.patient_pk WHERE o.study_instance_uid=?",
+                                    (study_uid,)).fetchone()
+        return None if row is None else (row[0], row[1])
 
-    def _accession_owner(self, accession: str) -> str | None:
-        row = self.conn.execute("SELECT p.patient_id FROM orders o JOIN order_patients p ON p.id = o.patient_pk"
-                                " WHERE o.accession_number=?", (accession,)).fetchone()
+    def _accession_owner(self, accession: str) -> tuple[str, str] | None:
+        """(patient ID, issuer) of the order, else the stored study, with this accession."""
+        row = self.conn.execute("SELECT p.patient_id, p.issuer_of_patient_id FROM orders o"
+                                " JOIN order_patients p ON p.id = o.patient_pk WHERE o.accession_number=?",
+                                (accession,)).fetchone()
         if row is None:
-            row = self.conn.execute("SELECT p.patient_id FROM studies s JOIN patients p ON p.id = s.patient_pk"
-                                    " WHERE s.accession_number=? LIMIT 1", (accession,)).fetchone()
-        return None if row is None else row[0]
+            row = self.conn.execute("SELECT p.patient_id, p.issuer_of_patient_id FROM studies s"
+                                    " JOIN patients p ON p.id = s.patient_pk WHERE s.accession_number=? LIMIT 1",
+                                    (accession,)).fetchone()
+        return None if row is None else (row[0], row[1])
 
     def _series_study(self, series_uid: str) -> str | None:
         row = self.conn.execute("SELECT s.study_instance_uid FROM series se JOIN studies s ON s.id = se.study_pk"
@@ -308,21 +322,22 @@ class Reconciler:
         an accession of another patient's order is cleared, a study or series already filed under
         another patient gets a new UID (the same new UID for every object of that study/series).
         """
-        pid = patient["PatientID"]
+        # who the object will belong to: an owner with another ID, or another issuer, is somebody else
+        me = (patient["PatientID"], patient.get("IssuerOfPatientID", values.get("IssuerOfPatientID", "")))
         changes = dict(patient)
         if accession is not None:
             changes["AccessionNumber"] = accession
         else:
             own = values.get("AccessionNumber", "")
             owner = self._accession_owner(own) if own else None
-            if owner is not None and owner != pid:
+            if owner is not None and owner != me:
                 changes["AccessionNumber"] = ""
         old_study = values.get("StudyInstanceUID", "")
         if study_uid is not None:
             target_study = study_uid
         else:
             owner = self._study_owner(old_study)
-            if owner is not None and owner != pid:
+            if owner is not None and owner != me:
                 target_study = new_uids.setdefault(old_study, generate_uid())
             else:
                 target_study = old_study
@@ -337,36 +352,41 @@ class Reconciler:
     def _release(self, item: dict, patient: dict, *, accession: str | None, study_uid: str | None, who: str,
                  status: str, action: str, decision: dict) -> dict:
         item_id = item["id"]
-        released, new_uids, errors = 0, {}, []
-        for _round in range(5):  # objects of the item that arrive while we release are released too
+        released, new_uids = 0, {}
+        now = idx.utcnow()
+
+        def close(conn):
+            # only if nothing of the item is held any more (an object may arrive while we release) and
+            # nobody decided otherwise meanwhile
+            cur = conn.execute(
+                "UPDATE reconcile_items SET status=?, decided_by=?, decided_at=?, decision=?, released = released + ?,"
+                " updated_at=? WHERE id=? AND status='held' AND NOT EXISTS"
+                " (SELECT 1 FROM held_objects WHERE item_id=?)",
+                (status, who, now, json.dumps(decision | {"objects": released}), released, now, item_id, item_id))
+            if cur.rowcount:
+                idx.audit(conn, who, action, {"item": item_id, **decision, "objects": released})
+            return cur.rowcount
+
+        for _round in range(5):
             rows = self.conn.execute('SELECT id, path, "values", calling_ae FROM held_objects WHERE item_id=?'
                                      " ORDER BY id", (item_id,)).fetchall()
-            if not rows:
-                break
             for row in rows:
                 try:
                     self._release_one(row, patient, accession, study_uid, new_uids, who)
-                    released += 1
+                except ReconcileError:
+                    raise
                 except Exception as exc:  # the object stays held; the item stays open
                     log.error("reconciliation item %d: held object %d not released: %s", item_id, row["id"], exc)
-                    errors.append(str(exc))
-            if errors:
-                break
-        remaining = self.conn.execute("SELECT count(*) FROM held_objects WHERE item_id=?", (item_id,)).fetchone()[0]
-        if remaining:
-            raise ReconcileError(f"item {item_id}: {released} object(s) released, {remaining} still held: "
-                                 f"{errors[0] if errors else 'more arrived meanwhile'}; run the command again")
-        now = idx.utcnow()
-        decision = decision | {"objects": released}
-
-        def write(conn):
-            conn.execute("UPDATE reconcile_items SET status=?, decided_by=?, decided_at=?, decision=?,"
-                         " released = released + ?, updated_at=? WHERE id=?",
-                         (status, who, now, json.dumps(decision), released, now, item_id))
-            idx.audit(conn, who, action, {"item": item_id, **decision})
-        self.archive.writer.call(write)
-        log.info("reconciliation item %d: %s by %s, %d object(s) released", item_id, status, who, released)
-        return {"item": item_id, "status": status, **decision}
+                    raise ReconcileError(f"item {item_id}: {released} object(s) released, the others still held: "
+                                         f"{exc}; run the command again") from None
+                released += 1
+            if self.archive.writer.call(close):
+                log.info("reconciliation item %d: %s by %s, %d object(s) released", item_id, status, who, released)
+                return {"item": item_id, "status": status, **decision, "objects": released}
+            if self.item(item_id)["status"] != schema.HELD:
+                raise ReconcileError(f"item {item_id} was decided by someone else meanwhile ({released} object(s) "
+                                     "released by this command)")
+        raise ReconcileError(f"item {item_id}: objects keep arriving; {released} released so far, run the command again")
 
     def _release_one(self, row: sqlite3.Row, patient: dict, accession: str | None, study_uid: str | None,
                      new_uids: dict[str, str], who: str) -> None:
@@ -384,8 +404,26 @@ class Reconciler:
             raise
         result = self.archive.store_incoming(Path(tmp), calling_ae=row["calling_ae"], source="reconcile",
                                              releasing=row["id"])
-        if result.outcome in (StoreOutcome.DUPLICATE, StoreOutcome.KEPT_FIRST):
-            self.archive.drop_held([row["id"]])  # the archive already holds this object under the same UID
+        if result.outcome is StoreOutcome.DUPLICATE:
+            self.archive.drop_held([row["id"]])  # the archive already holds this very object
+        elif result.outcome is StoreOutcome.KEPT_FIRST:
+            raise ReconcileError(f"the archive already holds another version of SOP Instance UID "
+                                 f"{result.sop_instance_uid} (storage.duplicate_policy = keep-first); this copy "
+                                 "stays held: compare them (documents export) and reject one")
+
+
+def _text_value(name: str, value: str, max_len: int) -> str:
+    value = value.strip()
+    if len(value) > max_len or "\\" in value or any(ord(c) < 32 for c in value):
+        raise OrderError(name, f"is not a valid value (at most {max_len} characters, no backslash)")
+    return value
+
+
+def _checked(check, name: str, value: str, *args) -> str:
+    try:
+        return check(name, value, *args)
+    except OrderError as exc:
+        raise ReconcileError(str(exc)) from None
 
 
 def _item_dict(r: sqlite3.Row) -> dict:
