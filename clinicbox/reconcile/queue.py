@@ -367,25 +367,28 @@ class Reconciler:
                 idx.audit(conn, who, action, {"item": item_id, **decision, "objects": released})
             return cur.rowcount
 
-        for _round in range(5):
-            rows = self.conn.execute('SELECT id, path, "values", calling_ae FROM held_objects WHERE item_id=?'
-                                     " ORDER BY id", (item_id,)).fetchall()
-            for row in rows:
-                try:
-                    self._release_one(row, patient, accession, study_uid, new_uids, who)
-                except ReconcileError:
-                    raise
-                except Exception as exc:  # the object stays held; the item stays open
-                    log.error("reconciliation item %d: held object %d not released: %s", item_id, row["id"], exc)
-                    raise ReconcileError(f"item {item_id}: {released} object(s) released, the others still held: "
-                                         f"{exc}; run the command again") from None
-                released += 1
-            if self.archive.writer.call(close):
-                log.info("reconciliation item %d: %s by %s, %d object(s) released", item_id, status, who, released)
-                return {"item": item_id, "status": status, **decision, "objects": released}
-            if self.item(item_id)["status"] != schema.HELD:
-                raise ReconcileError(f"item {item_id} was decided by someone else meanwhile ({released} object(s) "
-                                     "released by this command)")
+        # as `clinicbox import` does: a start-up repair running meanwhile waits (it would take our files
+        # placed but not yet committed for orphans)
+        with self.archive.importing():
+            for _round in range(5):
+                rows = self.conn.execute('SELECT id, path, "values", calling_ae FROM held_objects WHERE item_id=?'
+                                         " ORDER BY id", (item_id,)).fetchall()
+                for row in rows:
+                    try:
+                        self._release_one(row, patient, accession, study_uid, new_uids, who)
+                    except ReconcileError:
+                        raise
+                    except Exception as exc:  # the object stays held; the item stays open
+                        log.error("reconciliation item %d: held object %d not released: %s", item_id, row["id"], exc)
+                        raise ReconcileError(f"item {item_id}: {released} object(s) released, the others still held: "
+                                             f"{exc}; run the command again") from None
+                    released += 1
+                if self.archive.writer.call(close):
+                    log.info("reconciliation item %d: %s by %s, %d object(s) released", item_id, status, who, released)
+                    return {"item": item_id, "status": status, **decision, "objects": released}
+                if self.item(item_id)["status"] != schema.HELD:
+                    raise ReconcileError(f"item {item_id} was decided by someone else meanwhile ({released} object(s) "
+                                         "released by this command)")
         raise ReconcileError(f"item {item_id}: objects keep arriving; {released} released so far, run the command again")
 
     def _release_one(self, row: sqlite3.Row, patient: dict, accession: str | None, study_uid: str | None,
