@@ -5,7 +5,6 @@ dicom3tools dciodvfy checks the Secondary Capture copies."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
@@ -23,6 +22,7 @@ from pynetdicom.sop_class import ModalityPerformedProcedureStep as MPPS
 
 from clinicbox.printing import film as pf
 from tests.support.cups import Cups, pdf_pages
+from tests.support.mpps import in_progress, worklist_item
 from tests.support.peers import ClinicBox, dcmtk, free_port, wait_for_port
 from tests.support.synth import ORG_ROOT, base_dataset, write_ct_series
 
@@ -211,36 +211,10 @@ def test_dcmtk_films_reach_cups_as_pdf_pages_and_the_archive(rig, layout):
 
 
 def _mpps_in_progress(box, order: dict, aet: str, patient_id: str, patient_name: str) -> None:
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ssa = Dataset()
-    ssa.StudyInstanceUID = order["study_instance_uid"]
-    ssa.ReferencedStudySequence = []
-    ssa.AccessionNumber = order["accession_number"]
-    ssa.RequestedProcedureID = order["requested_procedure_id"]
-    ssa.RequestedProcedureDescription = ""
-    ssa.ScheduledProcedureStepID = order["step_ids"][0]
-    ssa.ScheduledProcedureStepDescription = ""
-    ssa.ScheduledProtocolCodeSequence = []
-    ds.ScheduledStepAttributesSequence = [ssa]
-    ds.PatientName, ds.PatientID = patient_name, patient_id
-    ds.PatientBirthDate, ds.PatientSex = "", ""
-    ds.ReferencedPatientSequence = []
-    ds.PerformedProcedureStepID = "PPS1"
-    ds.PerformedStationAETitle = aet
-    ds.PerformedStationName = ""
-    ds.PerformedLocation = ""
-    now = datetime.now()
-    ds.PerformedProcedureStepStartDate, ds.PerformedProcedureStepStartTime = f"{now:%Y%m%d}", f"{now:%H%M%S}"
-    ds.PerformedProcedureStepStatus = "IN PROGRESS"
-    ds.PerformedProcedureStepDescription = ""
-    ds.PerformedProcedureTypeDescription = ""
-    ds.ProcedureCodeSequence = []
-    ds.PerformedProcedureStepEndDate = ds.PerformedProcedureStepEndTime = None
-    ds.Modality = "US"
-    ds.StudyID = ""
-    ds.PerformedProtocolCodeSequence = []
-    ds.PerformedSeriesSequence = []
+    item = worklist_item(patient_id=patient_id, patient_name=patient_name, study_uid=order["study_instance_uid"],
+                         accession=order["accession_number"], procedure_id=order["requested_procedure_id"],
+                         step_id=order["step_ids"][0])
+    ds = in_progress(item, station_ae=aet, modality="US")
     ae = AE(ae_title=aet)
     ae.add_requested_context(MPPS)
     assoc = ae.associate("127.0.0.1", box.port, ae_title="CLINICBOX")

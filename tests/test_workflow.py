@@ -23,6 +23,7 @@ from pydicom.uid import CTImageStorage, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep as MPPS
 
+from tests.support.mpps import in_progress
 from tests.support.peers import ClinicBox, dcmtk
 from tests.support.synth import ORG_ROOT, ct_dataset
 
@@ -109,39 +110,9 @@ def images(folder: Path, per_series: list[int], *, study_uid: str, accession: st
 
 
 def mpps_from_worklist(item: Dataset) -> Dataset:
-    """N-CREATE as a modality fills it from the worklist item it picked."""
-    sps = item.ScheduledProcedureStepSequence[0]
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ssa = Dataset()
-    ssa.StudyInstanceUID = item.StudyInstanceUID
-    ssa.ReferencedStudySequence = []
-    ssa.AccessionNumber = item.AccessionNumber
-    ssa.RequestedProcedureID = item.RequestedProcedureID
-    ssa.RequestedProcedureDescription = item.RequestedProcedureDescription
-    ssa.ScheduledProcedureStepID = sps.ScheduledProcedureStepID
-    ssa.ScheduledProcedureStepDescription = sps.ScheduledProcedureStepDescription
-    ssa.ScheduledProtocolCodeSequence = []
-    ds.ScheduledStepAttributesSequence = [ssa]
-    ds.PatientName, ds.PatientID = item.PatientName, item.PatientID
-    ds.PatientBirthDate, ds.PatientSex = item.PatientBirthDate, item.PatientSex
-    ds.ReferencedPatientSequence = []
-    ds.PerformedProcedureStepID = "PPS1"
-    ds.PerformedStationAETitle = MODALITY_AE
-    ds.PerformedStationName = "CT ROOM 1"
-    ds.PerformedLocation = "Room 1"
-    now = datetime.now()
-    ds.PerformedProcedureStepStartDate, ds.PerformedProcedureStepStartTime = f"{now:%Y%m%d}", f"{now:%H%M%S}"
-    ds.PerformedProcedureStepStatus = "IN PROGRESS"
-    ds.PerformedProcedureStepDescription = "CT chest"
-    ds.PerformedProcedureTypeDescription = ""
-    ds.ProcedureCodeSequence = []
-    ds.PerformedProcedureStepEndDate = ds.PerformedProcedureStepEndTime = None
-    ds.Modality = "CT"
-    ds.StudyID = "1"
-    ds.PerformedProtocolCodeSequence = []
-    ds.PerformedSeriesSequence = []
-    return ds
+    """N-CREATE as the CT fills it from the worklist item it picked."""
+    return in_progress(item, station_ae=MODALITY_AE, modality="CT", description="CT chest", station_name="CT ROOM 1",
+                       location="Room 1")
 
 
 def mpps_completed(series: dict) -> Dataset:
