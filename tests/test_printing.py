@@ -242,3 +242,15 @@ def test_a_destination_that_raises_anything_is_recorded_and_the_queue_goes_on(re
         f"folder:{tmp_path / 'share'}": "ok", "dicom:FILM": "failed"}
     assert two["status"] == "done"
     assert relay.run_due() == 0  # the failed one waits for print.retry_seconds, not a busy loop
+
+
+def test_a_job_whose_archive_copies_were_thrown_away_is_lost_not_retried_forever(relay, tmp_path):
+    job_id = _film(relay)                      # no procedure step: the copies wait in reconciliation
+    item = relay.archive.index.conn.execute("SELECT id FROM reconcile_items").fetchone()[0]
+    rec = Reconciler(relay.archive, relay.config.intake, relay.config.reconcile)
+    rec.reject(item, reason="test print", who="desk")
+    rec.expire_rejected(now=datetime.now(timezone.utc) + timedelta(days=31))
+    relay.run_due()
+    job = relay.job(job_id)
+    assert job["status"] == "lost" and "is gone" in job["last_error"]
+    assert relay.run_due(now=datetime.now(timezone.utc) + timedelta(days=1)) == 0

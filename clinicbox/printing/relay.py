@@ -48,6 +48,10 @@ class OutputError(Exception):
     """A destination did not take the job; the message is kept as the output's last error."""
 
 
+class CopiesGone(OutputError):
+    """The job's archive copies no longer exist: it can never be printed again."""
+
+
 #: forwarder(device name, pages' films, per film the image arrays, copies) -> None, raising OutputError
 Forwarder = Callable[[str, list[dict], list[list[np.ndarray | None]], int], None]
 
@@ -194,7 +198,8 @@ class PrintRelay:
         """Process every job whose next attempt is due; return how many were processed."""
         stamp = _utc(now or datetime.now(timezone.utc))
         due = [r[0] for r in self.archive.index.conn.execute(
-            "SELECT id FROM print_jobs WHERE status != 'done' AND next_attempt_at <= ? ORDER BY id", (stamp,))]
+            "SELECT id FROM print_jobs WHERE status != 'done' AND status != 'lost' AND next_attempt_at <= ?"
+            " ORDER BY id", (stamp,))]
         with self._busy:
             for job_id in due:
                 self.process(job_id)
@@ -213,7 +218,8 @@ class PrintRelay:
             path = row["path"] if row is not None else next(
                 (h["path"] for h in self.archive.index.held(uid)), None)
             if path is None:
-                raise OutputError(f"the archive copy {uid} of image box {entry['position']} is gone")
+                raise CopiesGone(f"the archive copy {uid} of image box {entry['position']} is gone (rejected in "
+                                 "reconciliation?)")
             images.append(dcmread(self.archive.store.abspath(path)).pixel_array)
         return images
 
@@ -252,7 +258,7 @@ class PrintRelay:
                                                  " ORDER BY destination", (job_id,))]
         results: dict[str, str | None] = {}
         pdf = Path(job["pdf_path"]) if job["pdf_path"] else None
-        error = ""
+        error, lost = "", False
         try:
             images = [self._images(f) for f in films]
             if pdf is None or not pdf.exists() or job["rendered_at"] is None:
@@ -268,10 +274,13 @@ class PrintRelay:
                     else:
                         log.warning("print job %d: %s failed: %s", job_id, out["destination"], exc)
         except Exception as exc:  # recorded and retried later: never a loop that starves the queue
+            lost = isinstance(exc, CopiesGone)
             error = f"cannot render: {exc or type(exc).__name__}"
             log.error("print job %d: %s", job_id, error)
         failed = [d for d, e in results.items() if e]
         status = schema.DONE if not error and not failed else schema.WAITING
+        if lost:
+            status = schema.LOST
         now = datetime.now(timezone.utc)
         retry_at = _utc(now + timedelta(seconds=self.settings.retry_seconds))
         last_error = error or "; ".join(f"{d}: {results[d]}" for d in failed)

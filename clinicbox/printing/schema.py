@@ -7,6 +7,7 @@ from clinicbox.archive.index import MigrationSet
 migrations = MigrationSet("clinicbox.printing")
 
 QUEUED, DONE, WAITING = "queued", "done", "waiting"   # job: outputs pending / all done / one failed, retrying
+LOST = "lost"  # job: its archive copies are gone (rejected in reconciliation, trash emptied): nothing to print
 PENDING, OK, FAILED = "pending", "ok", "failed"        # one output of a job
 
 
