@@ -499,3 +499,51 @@ def test_printer_status_by_n_get_of_one_attribute_and_a_warned_n_create_keeps_it
         assert str(responses[-1].get("AffectedSOPInstanceUID") or "")
     finally:
         assoc.release()
+
+
+def test_film_session_n_action_prints_every_film_box_as_one_job_of_several_pages(rig):
+    meta = pf.GRAYSCALE_META
+    ae = AE(ae_title=US2)
+    ae.add_requested_context(meta)
+    before = {j["id"] for j in jobs(rig)}
+    cups_before = set(rig.cups.pdfs())
+    assoc = ae.associate("127.0.0.1", rig.box.port, ae_title="CLINICBOX")
+    assert assoc.is_established
+    try:
+        session_uid = generate_uid()
+        fs = Dataset()
+        fs.NumberOfCopies = 1
+        assert assoc.send_n_create(fs, pf.FILM_SESSION, session_uid, meta_uid=meta)[0].Status == 0
+        for orientation in ("PORTRAIT", "LANDSCAPE"):
+            fb = Dataset()
+            fb.ImageDisplayFormat, fb.FilmOrientation = "STANDARD\\1,2", orientation
+            ref = Dataset()
+            ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = pf.FILM_SESSION, session_uid
+            fb.ReferencedFilmSessionSequence = [ref]
+            status, attrs = assoc.send_n_create(fb, pf.FILM_BOX, generate_uid(), meta_uid=meta)
+            assert status.Status == 0
+            for n, ref_item in enumerate(attrs.ReferencedImageBoxSequence, start=1):
+                item = Dataset()
+                item.Rows = item.Columns = 64
+                item.SamplesPerPixel, item.PhotometricInterpretation = 1, "MONOCHROME2"
+                item.BitsAllocated, item.BitsStored, item.HighBit, item.PixelRepresentation = 8, 8, 7, 0
+                item.PixelData = np.random.default_rng(n).integers(40, 200, 64 * 64, dtype=np.uint8).tobytes()
+                ib = Dataset()
+                ib.ImageBoxPosition = n
+                ib.BasicGrayscaleImageSequence = [item]
+                status, _ = assoc.send_n_set(ib, ref_item.ReferencedSOPClassUID, ref_item.ReferencedSOPInstanceUID,
+                                             meta_uid=meta)
+                assert status.Status == 0
+        status, _ = assoc.send_n_action(None, 1, pf.FILM_SESSION, session_uid, meta_uid=meta)
+        assert status.Status == 0x0000
+        # nothing left to print: the session's N-ACTION again finds no film box
+        status, _ = assoc.send_n_action(None, 1, pf.FILM_SESSION, session_uid, meta_uid=meta)
+        assert status.Status == pf.FAIL_NO_FILM_BOX
+    finally:
+        assoc.release()
+    (job_id,) = {j["id"] for j in jobs(rig)} - before
+    job = wait_job(rig, job_id)
+    assert [(round(w) > round(h)) for w, h in pdf_pages(Path(job["pdf_path"]))] == [False, True]
+    (cups_pdf,) = set(rig.cups.wait_for_pdfs(len(cups_before) + 1)) - cups_before
+    assert len(pdf_pages(cups_pdf)) == 2
+    assert len(archive_copies(rig, job)) == 4
