@@ -212,17 +212,18 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
     in_pool = _PoolListing(pool)
     result = BackupResult(backup_id, bdir, instances=len(rows))
     pool_of: dict[str, str] = {}  # relpath -> its file in the pool, when not the same path
-    todo = []
-    for relpath, size, sha in rows:
-        prev = previous.get(relpath)
-        if prev and prev["sha256"] == sha and prev.get("pool", relpath) in in_pool:
-            result.reused += 1
-            if prev.get("pool", relpath) != relpath:
-                pool_of[relpath] = prev["pool"]
-        else:
-            todo.append((relpath, size, sha))
-    for parent in {str(Path(r[0]).parent) for r in todo}:
-        (root / parent).mkdir(parents=True, exist_ok=True)
+    # objects the last backup did not hold in this version are copied at once; whether the pool still
+    # holds the others is checked (one listdir per fan-out folder) while those copies run
+    fresh, known = [], []
+    for row in rows:
+        prev = previous.get(row[0])
+        (known if prev and prev["sha256"] == row[2] else fresh).append(row)
+
+    def make_parents(items) -> None:
+        for parent in {str(Path(r[0]).parent) for r in items}:
+            (root / parent).mkdir(parents=True, exist_ok=True)
+
+    make_parents(fresh)
     errors = []
 
     def copy(item):
@@ -256,7 +257,19 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
         return relpath, None, nbytes, name, False
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool_exec:
-        for relpath, error, nbytes, name, reused in pool_exec.map(copy, todo):
+        pending = [pool_exec.submit(copy, item) for item in fresh]
+        late = []
+        for relpath, size, sha in known:
+            prev = previous[relpath]
+            if prev.get("pool", relpath) in in_pool:
+                result.reused += 1
+                if prev.get("pool", relpath) != relpath:
+                    pool_of[relpath] = prev["pool"]
+            else:
+                late.append((relpath, size, sha))
+        make_parents(late)
+        pending += [pool_exec.submit(copy, item) for item in late]
+        for relpath, error, nbytes, name, reused in (f.result() for f in pending):
             if error:
                 errors.append((relpath, error))
                 continue
