@@ -171,6 +171,9 @@ def build(cache: Path, key: dict, config: Path, rebuild: bool) -> dict:
             info = json.loads(done.read_text())
             if info.get("key") == key:
                 print(f"reusing the archive in {cache / 'base'}")
+                # built by an older ClinicBox: apply the index migrations once here, else only the CLI
+                # variants would (the in-process run_backup opens no archive) and pay for it in their time
+                checked([sys.executable, "-m", "clinicbox", "status", "--data-dir", str(cache / "base")])
                 return info
         except (OSError, ValueError):
             pass
