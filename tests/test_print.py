@@ -437,7 +437,9 @@ def test_print_commands(rig):
     assert r.returncode == 1 and "reprint" in r.stderr
 
 
-def test_instance_uids_the_scu_omits_are_generated(rig):
+def _associate_seeing_create_responses(rig, meta: str):
+    """A print association whose N-CREATE-RSP command sets are collected (pynetdicom's send_n_create
+    does not return the Affected SOP Instance UID an SCP assigned)."""
     from pynetdicom import evt
 
     responses = []
@@ -446,11 +448,16 @@ def test_instance_uids_the_scu_omits_are_generated(rig):
         if type(event.message).__name__ == "N_CREATE_RSP":
             responses.append(event.message.command_set)
 
-    meta = pf.GRAYSCALE_META
     ae = AE(ae_title=US2)
     ae.add_requested_context(meta)
     assoc = ae.associate("127.0.0.1", rig.box.port, ae_title="CLINICBOX", evt_handlers=[(evt.EVT_DIMSE_RECV, on_recv)])
     assert assoc.is_established
+    return assoc, responses
+
+
+def test_instance_uids_the_scu_omits_are_generated(rig):
+    meta = pf.GRAYSCALE_META
+    assoc, responses = _associate_seeing_create_responses(rig, meta)
     try:
         fs = Dataset()
         fs.NumberOfCopies = 1
@@ -475,19 +482,8 @@ def test_instance_uids_the_scu_omits_are_generated(rig):
 
 
 def test_printer_status_by_n_get_of_one_attribute_and_a_warned_n_create_keeps_its_uid(rig):
-    from pynetdicom import evt
-
-    responses = []
-
-    def on_recv(event):
-        if type(event.message).__name__ == "N_CREATE_RSP":
-            responses.append(event.message.command_set)
-
     meta = pf.GRAYSCALE_META
-    ae = AE(ae_title=US2)
-    ae.add_requested_context(meta)
-    assoc = ae.associate("127.0.0.1", rig.box.port, ae_title="CLINICBOX", evt_handlers=[(evt.EVT_DIMSE_RECV, on_recv)])
-    assert assoc.is_established
+    assoc, responses = _associate_seeing_create_responses(rig, meta)
     try:
         status, attrs = assoc.send_n_get([0x21100010], pf.PRINTER, pf.PRINTER_INSTANCE, meta_uid=meta)
         assert status.Status == 0x0000 and attrs.PrinterStatus == "NORMAL" and "PrinterName" not in attrs

@@ -72,13 +72,10 @@ def list_documents(conn: sqlite3.Connection, patient_id: str | None = None) -> l
 
 
 def _locate(archive, uid: str) -> Path:
-    row = archive.index.instance(uid)
-    if row is not None:
-        return archive.store.abspath(row["path"])
-    held = archive.index.held(uid)
-    if held:
-        return archive.store.abspath(held[0]["path"])
-    raise DocumentError(f"no stored or held object with SOP Instance UID {uid}")
+    path = archive.object_path(uid)
+    if path is None:
+        raise DocumentError(f"no stored or held object with SOP Instance UID {uid}")
+    return path
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:

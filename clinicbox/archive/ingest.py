@@ -285,6 +285,14 @@ class Archive:
         idx.insert_instance(conn, record)
         return None, released
 
+    def object_path(self, sop_instance_uid: str) -> Path | None:
+        """The file of an object: the indexed instance, else a held copy; None when there is neither."""
+        row = self.index.instance(sop_instance_uid)
+        if row is not None:
+            return self.store.abspath(row["path"])
+        held = self.index.held(sop_instance_uid)
+        return self.store.abspath(held[0]["path"]) if held else None
+
     def _unlink(self, relpath: str) -> None:
         path = self.store.abspath(relpath)
         try:

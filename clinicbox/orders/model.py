@@ -65,7 +65,9 @@ class NewOrder:
     study_instance_uid: str = ""
 
 
-def _text(name: str, value: str, max_len: int, *, required: bool = False) -> str:
+def text_value(name: str, value: str, max_len: int, *, required: bool = False) -> str:
+    """A text field staff typed: stripped; refused (naming ``name``) when too long or holding a backslash
+    or control characters."""
     value = (value or "").strip()
     if required and not value:
         raise OrderError(name, "is required")
@@ -80,7 +82,7 @@ def _text(name: str, value: str, max_len: int, *, required: bool = False) -> str
 
 def person_name(name: str, value: str, *, required: bool = False) -> str:
     """A DICOM person name (``FAMILY^GIVEN^MIDDLE^PREFIX^SUFFIX``), trailing empty parts dropped."""
-    value = _text(name, value, 320, required=required)
+    value = text_value(name, value, 320, required=required)
     parts = value.split("^")
     if len(parts) > 5:
         raise OrderError(name, "has more than five ^-separated components (FAMILY^GIVEN^MIDDLE^PREFIX^SUFFIX)")
@@ -133,27 +135,27 @@ def uid(name: str, value: str) -> str:
 def validated(order: NewOrder) -> NewOrder:
     """Check and normalise every field; raise :class:`OrderError` naming the first bad one."""
     o = order
-    o.patient_id = _text("patient_id", o.patient_id, 64, required=True)
-    o.issuer_of_patient_id = _text("issuer_of_patient_id", o.issuer_of_patient_id, 64)
+    o.patient_id = text_value("patient_id", o.patient_id, 64, required=True)
+    o.issuer_of_patient_id = text_value("issuer_of_patient_id", o.issuer_of_patient_id, 64)
     o.patient_name = person_name("patient_name", o.patient_name, required=True)
     o.patient_birth_date = dicom_date("birth_date", o.patient_birth_date)
     o.patient_sex = (o.patient_sex or "").strip().upper()
     if o.patient_sex not in ("", "M", "F", "O"):
         raise OrderError("sex", f"{o.patient_sex!r} is not one of M, F, O")
-    o.other_patient_ids = [_text("other_ids", v, 64) for v in o.other_patient_ids if v and v.strip()]
-    o.medical_alerts = [_text("alerts", v, 64) for v in o.medical_alerts if v and v.strip()]
-    o.allergies = [_text("allergies", v, 64) for v in o.allergies if v and v.strip()]
-    o.accession_number = _text("accession", o.accession_number, 16)
-    o.requested_procedure_id = _text("procedure_id", o.requested_procedure_id, 16)
-    o.requested_procedure_description = _text("procedure", o.requested_procedure_description, 64)
-    o.procedure_code_value = _text("procedure_code", o.procedure_code_value, 16)
-    o.procedure_code_scheme = _text("code_scheme", o.procedure_code_scheme, 16)
+    o.other_patient_ids = [text_value("other_ids", v, 64) for v in o.other_patient_ids if v and v.strip()]
+    o.medical_alerts = [text_value("alerts", v, 64) for v in o.medical_alerts if v and v.strip()]
+    o.allergies = [text_value("allergies", v, 64) for v in o.allergies if v and v.strip()]
+    o.accession_number = text_value("accession", o.accession_number, 16)
+    o.requested_procedure_id = text_value("procedure_id", o.requested_procedure_id, 16)
+    o.requested_procedure_description = text_value("procedure", o.requested_procedure_description, 64)
+    o.procedure_code_value = text_value("procedure_code", o.procedure_code_value, 16)
+    o.procedure_code_scheme = text_value("code_scheme", o.procedure_code_scheme, 16)
     o.priority = (o.priority or "ROUTINE").strip().upper()
     if o.priority not in PRIORITIES:
         raise OrderError("priority", f"{o.priority!r} is not one of {', '.join(PRIORITIES)}")
     o.referring_physician_name = person_name("referring_physician", o.referring_physician_name)
     o.requesting_physician = person_name("requesting_physician", o.requesting_physician)
-    o.requested_contrast_agent = _text("contrast_agent", o.requested_contrast_agent, 64)
+    o.requested_contrast_agent = text_value("contrast_agent", o.requested_contrast_agent, 64)
     o.study_instance_uid = uid("study_uid", o.study_instance_uid)
     if not o.steps:
         raise OrderError("steps", "an order needs at least one scheduled procedure step")
@@ -173,11 +175,11 @@ def validated(order: NewOrder) -> NewOrder:
                 raise OrderError(exc.key, exc.problem) from None
         if not isinstance(s.start, datetime):
             raise OrderError(f"{where}at", "is required")
-        s.station_name = _text(f"{where}station_name", s.station_name, 16)
+        s.station_name = text_value(f"{where}station_name", s.station_name, 16)
         s.performing_physician_name = person_name(f"{where}performing_physician", s.performing_physician_name)
-        s.description = _text(f"{where}step_description", s.description, 64)
-        s.location = _text(f"{where}location", s.location, 16)
-        s.step_id = _text(f"{where}step_id", s.step_id, 16)
+        s.description = text_value(f"{where}step_description", s.description, 64)
+        s.location = text_value(f"{where}location", s.location, 16)
+        s.step_id = text_value(f"{where}step_id", s.step_id, 16)
         if s.step_id and s.step_id in seen_ids:
             raise OrderError(f"{where}step_id", f"{s.step_id!r} is used twice in this order")
         seen_ids.add(s.step_id)

@@ -214,13 +214,11 @@ class PrintRelay:
             if uid is None:
                 images.append(None)
                 continue
-            row = self.archive.index.instance(uid)
-            path = row["path"] if row is not None else next(
-                (h["path"] for h in self.archive.index.held(uid)), None)
+            path = self.archive.object_path(uid)
             if path is None:
                 raise CopiesGone(f"the archive copy {uid} of image box {entry['position']} is gone (rejected in "
                                  "reconciliation?)")
-            images.append(dcmread(self.archive.store.abspath(path)).pixel_array)
+            images.append(dcmread(path).pixel_array)
         return images
 
     def render_pdf(self, job: dict, films: list[dict], images: list[list]) -> Path:

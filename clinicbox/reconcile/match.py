@@ -14,8 +14,6 @@ import sqlite3
 import unicodedata
 from dataclasses import dataclass, field
 
-from clinicbox.archive.documents import is_document  # noqa: F401  (intake.match_scope = documents)
-
 MATCHED, CONFLICTING, UNKNOWN = "matched", "conflicting", "unknown"
 
 

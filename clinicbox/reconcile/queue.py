@@ -26,9 +26,10 @@ from clinicbox.archive import index as idx
 from clinicbox.archive.ingest import Archive, StoreOutcome
 from clinicbox.core.config import IntakeSettings, ReconcileSettings
 from clinicbox.orders import schema as orders_schema
-from clinicbox.orders.model import OrderError, dicom_date, person_name
+from clinicbox.orders.model import OrderError, dicom_date, person_name, text_value
 from clinicbox.reconcile import schema
-from clinicbox.reconcile.match import MATCHED, UNKNOWN, Verdict, classify, is_document, known_patients, person_key
+from clinicbox.archive.documents import is_document
+from clinicbox.reconcile.match import MATCHED, UNKNOWN, Verdict, classify, known_patients, person_key
 from clinicbox.reconcile.rewrite import rewrite
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ class Reconciler:
         if known_patients(self.conn, pid, issuer):
             raise ReconcileError(f"patient ID {pid} already belongs to a known patient: assign the item to them "
                                  "(`clinicbox reconcile assign`), or give another --patient-id")
-        patient = {"PatientID": _checked(_text_value, "--patient-id", pid, 64)}
+        patient = {"PatientID": _checked(text_value, "--patient-id", pid, 64)}
         if patient_id is not None:
             patient["IssuerOfPatientID"] = ""  # a new ID is the clinic's own
         if name is not None:
@@ -413,13 +414,6 @@ class Reconciler:
             raise ReconcileError(f"the archive already holds another version of SOP Instance UID "
                                  f"{result.sop_instance_uid} (storage.duplicate_policy = keep-first); this copy "
                                  "stays held: compare them (documents export) and reject one")
-
-
-def _text_value(name: str, value: str, max_len: int) -> str:
-    value = value.strip()
-    if len(value) > max_len or "\\" in value or any(ord(c) < 32 for c in value):
-        raise OrderError(name, f"is not a valid value (at most {max_len} characters, no backslash)")
-    return value
 
 
 def _checked(check, name: str, value: str, *args) -> str:
