@@ -30,3 +30,20 @@ def test_serve_never_imports_textual(tmp_path):
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_only_the_console_command_loads_textual(tmp_path):
+    code = (
+        "import sys\n"
+        "from clinicbox.cli import main\n"
+        f"for argv in (['status', '--data-dir', {str(tmp_path / 'd')!r}], ['jobs', 'list', '--data-dir', "
+        f"{str(tmp_path / 'd')!r}]):\n"
+        "    assert main(argv) == 0\n"
+        "bad = sorted(m for m in sys.modules if m == 'textual' or m.startswith('textual.'))\n"
+        "assert not bad, bad\n"
+        "import clinicbox.console.app\n"
+        "assert 'textual' in sys.modules\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr

@@ -58,6 +58,10 @@ def _add_commands(sub) -> None:
     p.add_argument("--ae-title", help="our AE title (overrides server.ae_title; default CLINICBOX)")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("console", help="the office console (terminal UI): status, jobs; the service keeps running")
+    _common(p)
+    p.set_defaults(func=cmd_console)
+
     p = sub.add_parser("import", help="import DICOM files, folders or media (CD/USB with DICOMDIR)")
     _common(p)
     p.add_argument("paths", nargs="+", metavar="PATH", help="files or folders to import")
@@ -230,6 +234,12 @@ def cmd_devices_remove(args, config: cfg.Config) -> int:
         return 1
     print(f"removed {args.name}")
     return 0
+
+
+def cmd_console(args, config: cfg.Config) -> int:
+    from clinicbox.console.app import run
+
+    return run(config)
 
 
 def cmd_config_show_default(args, config: cfg.Config) -> int:

@@ -98,21 +98,18 @@ def _backup_target(config: cfg.Config, target: str | None) -> Path:
 
 
 def cmd_jobs_list(args, config: cfg.Config) -> int:
-    from clinicbox.jobs.runner import JOBS, history
+    from clinicbox.jobs.runner import jobs_table
 
     archive = _open_jobs(config)
     try:
-        print(f"{'Job':14}  {'Schedule':14}  {'Last run':26}  Outcome")
-        for name, job in JOBS.items():
-            schedule = getattr(config.jobs, name.replace("-", "_"), "") or "-"
-            if name in ("backup", "restore-test") and not config.backup.target:
-                schedule = "(no target)"
-            last = history(archive, name, 1)
-            when = last[0]["started_at"] if last else "never"
-            outcome = last[0]["outcome"] if last else ""
-            print(f"{name:14}  {schedule:14}  {when:26}  {outcome}   {job.doc}")
+        rows = jobs_table(config, archive)
     finally:
         archive.close()
+    print(f"{'Job':14}  {'Schedule':14}  {'Last run':26}  Outcome")
+    for r in rows:
+        when = r["last"]["started_at"] if r["last"] else "never"
+        outcome = r["last"]["outcome"] if r["last"] else ""
+        print(f"{r['job']:14}  {r['schedule']:14}  {when:26}  {outcome}   {r['doc']}")
     return 0
 
 
@@ -292,37 +289,32 @@ def cmd_hold_list(args, config: cfg.Config) -> int:
 
 
 def cmd_status(args, config: cfg.Config) -> int:
-    from clinicbox.jobs.runner import last_ok
+    from clinicbox.jobs.runner import overview
 
     archive = _open_jobs(config)
     try:
-        state, free = archive.disk_state()
-        counts = archive.index.counts()
-        backup = last_ok(archive, "backup")
-        verified = last_ok(archive, "restore-test")
-        unhealthy = dict(archive.index.conn.execute(
-            "SELECT state, count(*) FROM instances WHERE state != 'ok' GROUP BY state").fetchall())
+        status = overview(config, archive)
     finally:
         archive.close()
-    status = {"data_dir": str(config.data_dir), "disk": {"state": state, "free_mb": free // (1024 * 1024),
-              "warning_below_mb": config.storage.min_free_warning_mb,
-              "refusing_below_mb": config.storage.min_free_critical_mb}, **counts,
-              "backup_target": config.backup.target or None,
-              "last_backup": backup["started_at"] if backup else None,
-              "last_verified_restore": verified["started_at"] if verified else None,
-              "instances_not_ok": unhealthy}
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
+    disk = status["disk"]
     print(f"data dir           {status['data_dir']}")
-    print(f"disk               {state}, {status['disk']['free_mb']} MB free (warning below "
-          f"{config.storage.min_free_warning_mb} MB, stores refused below {config.storage.min_free_critical_mb} MB)")
-    print(f"stored             {counts['patients']} patients, {counts['studies']} studies, "
-          f"{counts['instances']} instances")
-    print(f"backup target      {config.backup.target or 'NONE: this box holds the only copy'}")
+    print(f"disk               {disk['state']}, {disk['free_mb']} MB free (warning below "
+          f"{disk['warning_below_mb']} MB, stores refused below {disk['refusing_below_mb']} MB)")
+    print(f"stored             {status['patients']} patients, {status['studies']} studies, "
+          f"{status['instances']} instances")
+    print(f"backup target      {status['backup_target'] or 'NONE: this box holds the only copy'}")
     print(f"last backup        {status['last_backup'] or 'never'}")
+    if status["backup_failed"]:
+        f = status["backup_failed"]
+        print(f"BACKUP FAILED      {f['at']}: {f['error']}")
     print(f"last verified restore {status['last_verified_restore'] or 'never'}")
-    if unhealthy:
-        print("NOT OK             " + ", ".join(f"{n} {state}" for state, n in unhealthy.items())
+    if status["restore_test_failed"]:
+        f = status["restore_test_failed"]
+        print(f"RESTORE TEST FAILED {f['at']}: {f['error']}")
+    if status["instances_not_ok"]:
+        print("NOT OK             " + ", ".join(f"{n} {state}" for state, n in status["instances_not_ok"].items())
               + " (clinicbox jobs run scrub repairs from the backup)")
     return 0

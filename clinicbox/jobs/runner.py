@@ -196,3 +196,56 @@ def last_ok(archive: Archive, job: str) -> dict | None:
         "SELECT started_at, ended_at, figures FROM job_runs WHERE job=? AND outcome='ok' ORDER BY id DESC LIMIT 1",
         (job,)).fetchone()
     return dict(row) if row else None
+
+
+def schedule_of(config: Config, name: str) -> str:
+    """The job's cron schedule as configured, ``-`` when off, ``(no target)`` for backup jobs without one."""
+    if name in ("backup", "restore-test") and not config.backup.target:
+        return "(no target)"
+    return getattr(config.jobs, name.replace("-", "_"), "") or "-"
+
+
+def jobs_table(config: Config, archive: Archive) -> list[dict]:
+    """Each job with its schedule and its last run (None when it never ran), for ``jobs list`` and the
+    console."""
+    rows = []
+    for name, job in JOBS.items():
+        last = history(archive, name, 1)
+        rows.append({"job": name, "doc": job.doc, "schedule": schedule_of(config, name),
+                     "last": last[0] if last else None})
+    return rows
+
+
+def _latest_failure(archive: Archive, job: str) -> dict | None:
+    """The job's newest run when it failed ({at, error}), else None."""
+    latest = history(archive, job, 1)
+    if latest and latest[0]["outcome"] == "failed":
+        return {"at": latest[0]["started_at"], "error": latest[0]["error"]}
+    return None
+
+
+def overview(config: Config, archive: Archive) -> dict:
+    """What ``clinicbox status`` and the console's first screen show: disk guard, counts, backups.
+
+    ``last_backup`` and ``last_verified_restore`` are the newest runs that succeeded;
+    ``backup_failed`` and ``restore_test_failed`` the newest run when it failed after that (a backup
+    that no longer runs or restores must not hide behind an older success).
+    """
+    state, free = archive.disk_state()
+    verified = last_ok(archive, "restore-test")
+    backup_run = last_ok(archive, "backup")
+    return {
+        "data_dir": str(config.data_dir),
+        "disk": {"state": state, "free_mb": free // (1024 * 1024),
+                 "warning_below_mb": config.storage.min_free_warning_mb,
+                 "refusing_below_mb": config.storage.min_free_critical_mb},
+        **archive.index.counts(),
+        "backup_target": config.backup.target or None,
+        "last_backup": backup_run["started_at"] if backup_run else None,
+        "backup_failed": _latest_failure(archive, "backup"),
+        "last_verified_restore": (verified["ended_at"] or verified["started_at"]) if verified else None,
+        "last_verified_backup": json.loads(verified["figures"] or "{}").get("backup") if verified else None,
+        "restore_test_failed": _latest_failure(archive, "restore-test"),
+        "instances_not_ok": dict(archive.index.conn.execute(
+            "SELECT state, count(*) FROM instances WHERE state != 'ok' GROUP BY state").fetchall()),
+    }
