@@ -46,6 +46,7 @@ def test_defaults_match_the_issue():
     ("[storage]\nduplicate_policy = 'newest'\n", "storage.duplicate_policy"),
     ("[stroage]\n", "stroage"),
     ("[server]\nallowed_calling_ae_titles = [1]\n", "server.allowed_calling_ae_titles[0]"),
+    ("[jobs]\ntimezone = 'Europe/Berlinn'\n", "jobs.timezone"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, key):
     path = tmp_path / "bad.toml"

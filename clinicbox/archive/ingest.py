@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from clinicbox.archive import index as idx
-from clinicbox.archive.files import ObjectStore, file_sha256, fsync_dir, uid_key
+from clinicbox.archive.files import ObjectStore, dataset_sha256, file_sha256, fsync_dir, uid_key
 from clinicbox.archive.parse import InvalidObject, ParsedObject, parse_file
 from clinicbox.archive.writer import IndexWriter
 from clinicbox.core.config import StorageSettings
@@ -365,14 +365,55 @@ class Archive:
             raise IngestError("no-space" if is_no_space(exc) else "failure", f"cannot copy: {exc}") from None
         return self.store_incoming(tmp, source=source)
 
-    def delete_study(self, study_instance_uid: str, only: dict[str, str] | None = None) -> int:
+    def put_back(self, table: str, row_id: int, relpath: str, sha256: str, source: Path) -> bool:
+        """Put an intact copy (``source``, e.g. from the backup) back in place of a damaged or missing
+        stored file, the way ingest places files (incoming/, fsync, hash checked, rename, directory
+        fsync), under the UID's lock and only while the row (``table``: instances or held_objects)
+        still names that file with that checksum: True when done.  False when the row changed
+        meanwhile (replaced, deleted by retention, released) or the copy does not hash right."""
+        if table not in ("instances", "held_objects"):
+            raise ValueError(table)
+        row = self.index.conn.execute(f"SELECT sop_instance_uid FROM {table} WHERE id=? AND path=? AND sha256=?",
+                                      (row_id, relpath, sha256)).fetchone()
+        if row is None:
+            return False
+        with self._uid_lock(row[0]):
+            if self.index.conn.execute(f"SELECT 1 FROM {table} WHERE id=? AND path=? AND sha256=?",
+                                       (row_id, relpath, sha256)).fetchone() is None:
+                return False
+            fd, tmp = self.store.new_incoming(prefix="repair-")
+            try:
+                with os.fdopen(fd, "wb") as out, open(source, "rb") as fin:
+                    shutil.copyfileobj(fin, out, 1 << 20)
+                    out.flush()
+                    os.fsync(out.fileno())
+                if dataset_sha256(tmp) != sha256:
+                    raise InvalidObject("the copy's data set does not match the recorded checksum")
+                dest = self.store.abspath(relpath)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, dest)
+                fsync_dir(dest.parent)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        return True
+
+    def delete_study(self, study_instance_uid: str, only: dict[str, str] | None = None,
+                     keep_if: Callable[[sqlite3.Connection], str | None] | None = None,
+                     write_extra: Callable[[sqlite3.Connection, int], None] | None = None) -> int | str:
         """Remove a study's instances: index rows first (one commit), then their files.
 
         ``only`` (path -> sha256) limits it to instances whose file and checksum are listed (what a
         verified backup holds), checked inside the same transaction: an instance that arrived or
-        was replaced meanwhile stays.
+        was replaced meanwhile stays.  ``keep_if(conn)``, also inside it, may refuse at the last
+        moment (a legal hold placed meanwhile): its reason is returned and nothing is deleted.
+        ``write_extra(conn, n)`` commits with the deletion (the audit record).  Each file goes under
+        its UID's lock and only if no row names it any more: the same UID sent again after the rows
+        went may already have been placed under the same name, and acknowledged.
         """
         def write(conn):
+            if keep_if is not None and (reason := keep_if(conn)):
+                return reason
             rows = conn.execute(
                 "SELECT i.sop_instance_uid, i.path, i.sha256 FROM instances i JOIN series se ON se.id = i.series_pk"
                 " JOIN studies s ON s.id = se.study_pk WHERE s.study_instance_uid = ?", (study_instance_uid,)).fetchall()
@@ -380,20 +421,18 @@ class Archive:
             for uid, path, sha in rows:
                 if only is None or only.get(path) == sha:
                     idx.delete_instance(conn, uid)
-                    gone.append(path)
+                    gone.append((path, uid))
+            if gone and write_extra is not None:
+                write_extra(conn, len(gone))
             return gone
 
         gone = self.writer.call(write)
-        dirs = set()
-        for path in gone:
-            p = self.store.abspath(path)
-            try:
-                os.unlink(p)
-                dirs.add(p.parent)
-            except FileNotFoundError:
-                pass
-        for d in dirs:
-            fsync_dir(d)
+        if isinstance(gone, str):
+            return gone
+        for path, uid in gone:
+            with self._uid_lock(uid):
+                if not self.index.path_in_use(path):
+                    self._unlink(path)
         return len(gone)
 
     def add_device(self, name: str, ae_title: str, host: str, port: int, role: str, charset: str = "",

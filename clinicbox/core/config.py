@@ -129,7 +129,7 @@ class IntegritySettings:
 @dataclass(frozen=True)
 class RetentionSettings:
     enabled: bool = setting(False, "Delete studies past their keeping time (off: nothing is ever deleted by ClinicBox).")
-    rules: list = setting([], "Keeping times: [{modality = \"US\", years = 10}, {modality = \"*\", years = 30}]; the longest matching one counts; a study no rule names is kept.")
+    rules: list = setting([], "Keeping times: [{modality = \"US\", years = 10}, {modality = \"*\", years = 30}]; each modality takes the rule naming it, else \"*\"; a study keeps its longest; one no rule covers is kept.")
     minor_age: int = setting(18, "A patient younger than this at the exam is a minor.", minimum=0, maximum=150)
     minor_extra_years: int = setting(10, "A minor's studies are kept at least until age minor_age plus this many years.",
                                      minimum=0, maximum=150)
@@ -362,6 +362,14 @@ def _validate_schedules(cfg: "Config") -> None:
         problem = _cron_problem(expression)
         if problem:
             raise ConfigError(f"jobs.{name}", f"{expression!r} is not a cron schedule ({problem})")
+    if cfg.jobs.timezone:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(cfg.jobs.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError("jobs.timezone", f"{cfg.jobs.timezone!r} is not a time zone (e.g. Europe/Berlin, "
+                                               "UTC; empty: the box's local time)") from None
 
 
 def load(path: str | os.PathLike | None = None) -> Config:

@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from clinicbox.archive.files import dataset_sha256, fsync_dir
 from clinicbox.archive.index import INDEX_FILE, delete_instance
@@ -60,6 +61,11 @@ OBJECTS = "objects.json"
 CHUNK = 1 << 20
 
 
+SOURCE_MISSING = "missing from the data dir"
+SOURCE_DAMAGED = "content differs from the checksum taken at ingest"
+SOURCE_UNREADABLE = "not a readable DICOM file: "
+
+
 class BackupError(Exception):
     """The backup could not be made or checked; the message says why in one line."""
 
@@ -74,11 +80,17 @@ class BackupResult:
     reused: int = 0
     seconds: float = 0.0
     pruned: list[str] = field(default_factory=list)
+    damaged_at_source: list[tuple[str, str, str]] = field(default_factory=list)
 
     def figures(self) -> dict:
-        return {"backup": self.backup_id, "instances": self.instances, "copied": self.copied,
-                "copied_bytes": self.copied_bytes, "reused": self.reused, "seconds": round(self.seconds, 3),
-                "pruned": self.pruned}
+        figures = {"backup": self.backup_id, "instances": self.instances, "copied": self.copied,
+                   "copied_bytes": self.copied_bytes, "reused": self.reused, "seconds": round(self.seconds, 3),
+                   "pruned": self.pruned}
+        if self.damaged_at_source:
+            figures |= {"damaged_at_source": len(self.damaged_at_source),
+                        "left_out": [{"path": p, "state": st} for p, _h, st in self.damaged_at_source[:50]],
+                        "_outcome": "problems"}
+        return figures
 
 
 def _root(target: Path) -> Path:
@@ -169,25 +181,61 @@ class _Moved(Exception):
     """Objects in the snapshot were replaced or released (moved to a new file) while it was copied."""
 
 
-def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2) -> BackupResult:
+def run_backup(data_dir: Path, target: Path, *, keep: int = 14, workers: int = 2,
+               flag: Callable[[list[tuple[str, str, str]]], None] | None = None) -> BackupResult:
     """Make one backup of ``data_dir`` into ``target``; prune to the newest ``keep``.
 
     When objects of the snapshot were replaced or released from the reconciliation queue while it
     was being copied (their file moved), the backup is made once more from a new snapshot, so it
     holds every object in one version or the other; should it happen again, it is finished without
     them (the next backup has them) and says so in the log.
+
+    A stored file that no longer matches its ingest checksum, or has vanished, does not stop the
+    backup: it is left out (an intact copy an earlier backup holds stays named), reported in
+    ``damaged_at_source``, and handed to ``flag`` as (path, sha256, damaged | missing) so the live
+    index marks it and the scrub repairs it from the backup.
     """
     try:
-        return _run_backup(data_dir, target, keep=keep, workers=workers, moved_ok=False)
+        return _run_backup(data_dir, target, keep=keep, workers=workers, moved_ok=False, flag=flag)
     except _Moved as exc:
         log.info("backup: %s; taking a new snapshot", exc)
-        return _run_backup(data_dir, target, keep=keep, workers=workers, moved_ok=True)
+        return _run_backup(data_dir, target, keep=keep, workers=workers, moved_ok=True, flag=flag)
 
 
-def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_ok: bool) -> BackupResult:
+SEEN_TARGETS = "backup-targets.json"
+
+
+def _seen_targets(data_dir: Path) -> list[str]:
+    try:
+        return json.loads((data_dir / SEEN_TARGETS).read_text()).get("targets", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def _check_mounted(data_dir: Path, target: Path) -> None:
+    """A target that has held this archive's backups but lost its backup folder is most likely a disk
+    that is not mounted (its empty mount point is there): refuse rather than fill the system disk."""
+    if not _root(target).is_dir() and str(Path(target).resolve()) in _seen_targets(data_dir):
+        raise BackupError(f"backup target {target} has held this archive's backups but has no {ROOT} folder now: "
+                          f"is the backup disk mounted? (a new, empty disk: create {_root(target)} first)")
+
+
+def _remember_target(data_dir: Path, target: Path) -> None:
+    seen = _seen_targets(data_dir)
+    resolved = str(Path(target).resolve())
+    if resolved not in seen:
+        _write_json(data_dir / SEEN_TARGETS, {"targets": [*seen, resolved]})
+
+
+def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_ok: bool,
+                flag: Callable | None) -> BackupResult:
     started = time.monotonic()
     data_dir = Path(data_dir)
     _check_target(target)
+    _check_mounted(data_dir, target)
+    if os.stat(target).st_dev == os.stat(data_dir).st_dev:
+        log.warning("backup target %s is on the same disk as the data dir: it will not survive that disk's failure",
+                    target)
     root = _root(target)
     backup_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     bdir = root / "backups" / backup_id
@@ -246,13 +294,16 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
             digest, nbytes = _file_digest_copy(data_dir / relpath, tmp)
         except FileNotFoundError:
             tmp.unlink(missing_ok=True)
-            return relpath, "missing from the data dir", 0, None, False
-        except (OSError, InvalidObject) as exc:
+            return relpath, SOURCE_MISSING, 0, None, False
+        except InvalidObject as exc:
+            tmp.unlink(missing_ok=True)
+            return relpath, SOURCE_UNREADABLE + str(exc), 0, None, False
+        except OSError as exc:
             tmp.unlink(missing_ok=True)
             return relpath, str(exc), 0, None, False
         if digest != sha:
             tmp.unlink(missing_ok=True)
-            return relpath, "content differs from the checksum taken at ingest", 0, None, False
+            return relpath, SOURCE_DAMAGED, 0, None, False
         os.replace(tmp, dest)
         return relpath, None, nbytes, name, False
 
@@ -280,7 +331,7 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
             else:
                 result.copied += 1
                 result.copied_bytes += nbytes
-    gone = [p for p, e in errors if e == "missing from the data dir"]
+    gone = [p for p, e in errors if e == SOURCE_MISSING]
     if gone:
         # replaced or deleted after the snapshot (a re-send under duplicate_policy = replace, retention):
         # no longer part of the archive, so not part of this backup either
@@ -315,12 +366,39 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
             errors = [(p, e) for p, e in errors if p not in dropped]
             log.info("backup %s: %d instance(s) replaced or deleted since the snapshot, left out", backup_id,
                      len(dropped))
+    sha_of = {r[0]: r[2] for r in rows}
+    at_source = [(p, sha_of[p], "missing" if e == SOURCE_MISSING else "damaged") for p, e in errors
+                 if e in (SOURCE_MISSING, SOURCE_DAMAGED) or e.startswith(SOURCE_UNREADABLE)]
+    errors = [(p, e) for p, e in errors if p not in {a[0] for a in at_source}]
     if errors:
         full = any("No space" in e for _p, e in errors)
         shutil.rmtree(bdir, ignore_errors=True)
         first = errors[0]
-        raise BackupError(("backup target is full: " if full else "")
-                          + f"{len(errors)} object(s) not backed up, e.g. {first[0]}: {first[1]}")
+        if full:  # what no kept backup names (copies cut short, .part files) goes, for the next attempt
+            prune(target, keep, sweep=True)
+            raise BackupError(f"backup target is full: {len(errors)} object(s) not backed up (backup.keep = {keep} "
+                              "backups are kept: lower it, or use a larger disk)")
+        raise BackupError(f"{len(errors)} object(s) not backed up, e.g. {first[0]}: {first[1]}")
+    if at_source:
+        # left out of this backup, marked in its snapshot (an intact copy an earlier backup holds is
+        # carried below) and, through ``flag``, in the live index: the scrub repairs them from there
+        log.error("backup %s: %d stored file(s) damaged or missing at the source, left out (e.g. %s: %s); "
+                  "the scrub repairs them from an earlier backup", backup_id, len(at_source), at_source[0][0],
+                  at_source[0][2])
+        snap = sqlite3.connect(bdir / INDEX_FILE)
+        try:
+            with snap:
+                for table in ("instances", "held_objects") if _has_held(snap) else ("instances",):
+                    snap.executemany(f"UPDATE {table} SET state=? WHERE path=? AND sha256=?",
+                                     [(state, p, h) for p, h, state in at_source])
+        finally:
+            snap.close()
+        left_out = {a[0] for a in at_source}
+        rows = [r for r in rows if r[0] not in left_out]
+        result.instances = len(rows)
+        result.damaged_at_source = at_source
+        if flag is not None:
+            flag(at_source)
     # the copies and the snapshot on disk before the manifest says the backup exists: one sync
     # (measured: 100 new files 19 ms, against ~150 ms for an fsync of each)
     os.sync()
@@ -330,12 +408,12 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
     # named (else pruning would delete the last good copy before the scrub can repair from it)
     snap = sqlite3.connect(bdir / INDEX_FILE)
     try:
-        unhealthy = snap.execute(_objects_sql(snap, "path, state", "state != 'ok'")).fetchall()
+        unhealthy = snap.execute(_objects_sql(snap, "path, sha256, state", "state != 'ok'")).fetchall()
     finally:
         snap.close()
-    for relpath, state in unhealthy:
+    for relpath, sha, state in unhealthy:
         prev = previous.get(relpath)
-        if prev and prev.get("pool", relpath) in in_pool:
+        if prev and prev["sha256"] == sha and prev.get("pool", relpath) in in_pool:
             objects.append({k: prev[k] for k in ("path", "size", "sha256", "pool") if k in prev} | {"carried": state})
     _write_json(bdir / OBJECTS, objects)
     manifest = {"id": backup_id, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -344,6 +422,7 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
                 "seconds": round(time.monotonic() - started, 3), "objects_file": OBJECTS}
     _write_json(bdir / MANIFEST, manifest)  # last: from now on the backup exists
     fsync_dir(bdir)
+    _remember_target(data_dir, target)
     result.pruned = prune(target, keep, sweep=len(list_backups(target)) > keep)
     result.seconds = time.monotonic() - started
     log.info("backup %s: %d instances, %d copied (%.1f MB), %d already in the pool, %.2f s", backup_id,
@@ -413,9 +492,13 @@ def find_backup(target: Path, backup: str | None) -> Path:
         raise BackupError(f"no finished backup in {target}")
     if backup in (None, "", "latest"):
         return Path(backups[-1]["path"])
-    for b in backups:
-        if b["id"] == backup or b["id"].startswith(backup):
-            return Path(b["path"])
+    exact = [b for b in backups if b["id"] == backup]
+    matches = exact or [b for b in backups if b["id"].startswith(backup)]
+    if len(matches) > 1:
+        raise BackupError(f"{backup!r} names {len(matches)} backups ({matches[0]['id']} … {matches[-1]['id']}): "
+                          "give more of the ID")
+    if matches:
+        return Path(matches[0]["path"])
     raise BackupError(f"no backup {backup!r} in {target} (clinicbox backup list)")
 
 
@@ -438,10 +521,13 @@ def verify_backup(target: Path, backup: str | None = None) -> dict:
         problems.append(f"index snapshot has {n} instances, the manifest {len(listed)}")
     for o in manifest["objects"]:
         f = pool_file(root, o)
-        if not f.is_file():
+        try:
+            if dataset_sha256(f) != o["sha256"]:
+                problems.append(f"{o['path']}: checksum differs")
+        except FileNotFoundError:
             problems.append(f"{o['path']}: missing")
-        elif dataset_sha256(f) != o["sha256"]:
-            problems.append(f"{o['path']}: checksum differs")
+        except (OSError, InvalidObject) as exc:
+            problems.append(f"{o['path']}: unreadable ({exc})")
     return {"backup": manifest["id"], "instances": len(manifest["objects"]), "ok": not problems,
             "problems": problems[:50], "problem_count": len(problems)}
 
@@ -457,24 +543,48 @@ def restore(target: Path, backup: str | None, new_data_dir: Path) -> dict:
     started = time.monotonic()
     (new / "objects").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(bdir / INDEX_FILE, new / INDEX_FILE)
-    bad = []
+    bad, carried = [], []
     for o in manifest["objects"]:
         dest = new / o["path"]
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             digest, _n = _file_digest_copy(pool_file(root, o), dest)
-        except OSError as exc:
-            bad.append(f"{o['path']}: {exc}")
+        except (OSError, InvalidObject) as exc:
+            dest.unlink(missing_ok=True)
+            bad.append((o["path"], o["sha256"], str(exc)))
             continue
         if digest != o["sha256"]:
-            bad.append(f"{o['path']}: checksum differs")
+            dest.unlink(missing_ok=True)
+            bad.append((o["path"], o["sha256"], "checksum differs"))
+        elif "carried" in o:
+            carried.append((o["path"], o["sha256"]))
+    if carried:
+        # damaged or missing when the backup was made, and an intact earlier copy restored in their place
+        conn = sqlite3.connect(new / INDEX_FILE)
+        try:
+            with conn:
+                for table in ("instances", "held_objects") if _has_held(conn) else ("instances",):
+                    conn.executemany(f"UPDATE {table} SET state='ok' WHERE path=? AND sha256=?", carried)
+        finally:
+            conn.close()
+    if bad:
+        # the restored archive says which objects it lacks (the scrub reports them, status counts them)
+        # rather than pointing at files that are not there or not what was stored
+        conn = sqlite3.connect(new / INDEX_FILE)
+        try:
+            with conn:
+                for table in ("instances", "held_objects") if _has_held(conn) else ("instances",):
+                    conn.executemany(f"UPDATE {table} SET state='missing' WHERE path=? AND sha256=?",
+                                     [(p, h) for p, h, _e in bad])
+        finally:
+            conn.close()
     os.sync()
     result = {"backup": manifest["id"], "data_dir": str(new), "instances": len(manifest["objects"]),
-              "restored": len(manifest["objects"]) - len(bad), "problems": bad[:50],
+              "restored": len(manifest["objects"]) - len(bad), "problems": [f"{p}: {e}" for p, _h, e in bad[:50]],
               "seconds": round(time.monotonic() - started, 3)}
     if bad:
-        raise BackupError(f"restore of {manifest['id']}: {len(bad)} object(s) could not be restored, "
-                          f"e.g. {bad[0]}")
+        raise BackupError(f"restore of {manifest['id']} into {new}: {len(bad)} object(s) could not be restored "
+                          f"(marked missing there), e.g. {bad[0][0]}: {bad[0][2]}")
     return result
 
 

@@ -11,43 +11,29 @@ file in incoming/, hash checked, fsync, rename, directory fsync) and flagged ``o
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
-from clinicbox.archive.files import dataset_sha256, fsync_dir
+from clinicbox.archive.files import dataset_sha256
 from clinicbox.archive.index import utcnow
 from clinicbox.archive.ingest import Archive
 from clinicbox.archive.parse import InvalidObject
 from clinicbox.jobs.backup import ROOT
 
 log = logging.getLogger(__name__)
-CHUNK = 1 << 20
 
 
-def _repair(archive: Archive, relpath: str, sha: str, target: Path) -> bool:
-    """Put the backup's copy of ``relpath`` back if it hashes right; True when done."""
+def _repair(archive: Archive, row, target: Path) -> bool:
+    """Put the backup's copy of the row's file back if it hashes right; True when done."""
+    relpath, sha = row["path"], row["sha256"]
     root = Path(target) / ROOT
-    source = next((p for p in (root / relpath, root / f"{relpath}.{sha[:16]}") if p.is_file()), None)
-    if source is None:
-        return False
-    try:
-        if dataset_sha256(source) != sha:
-            source = root / f"{relpath}.{sha[:16]}"  # the same path with other content: its checksum name
-            if not source.is_file() or dataset_sha256(source) != sha:
-                return False
-        fd, tmp = archive.store.new_incoming(prefix="repair-")
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as fin:
-            while chunk := fin.read(CHUNK):
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        dest = archive.store.abspath(relpath)
-        os.replace(tmp, dest)
-        fsync_dir(dest.parent)
-    except (OSError, InvalidObject) as exc:
-        log.error("repair of %s from the backup failed: %s", relpath, exc)
-        return False
-    return True
+    for source in (root / relpath, root / f"{relpath}.{sha[:16]}"):  # the same path with other content
+        try:                                                            # has its checksum name
+            if source.is_file() and dataset_sha256(source) == sha:
+                return archive.put_back(row["tbl"], row["id"], relpath, sha, source)
+        except (OSError, InvalidObject) as exc:
+            log.error("repair of %s from the backup failed: %s", relpath, exc)
+            return False
+    return False
 
 
 def scrub(archive: Archive, *, files_per_run: int = 20000, backup_target: str | Path | None = None) -> dict:
@@ -71,7 +57,7 @@ def scrub(archive: Archive, *, files_per_run: int = 20000, backup_target: str | 
             state = "missing"
         except (OSError, InvalidObject):
             state = "damaged"
-        if state != "ok" and backup_target and _repair(archive, row["path"], row["sha256"], Path(backup_target)):
+        if state != "ok" and backup_target and _repair(archive, row, Path(backup_target)):
             log.warning("instance %s was %s: repaired from the backup", row["sop_instance_uid"], state)
             figures["repaired"] += 1
             state = "ok"

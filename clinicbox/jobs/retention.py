@@ -1,7 +1,7 @@
 """Retention: studies past their keeping time go, never one under legal hold or not safely backed up.
 
-Rules (``[retention]`` in the config) give a keeping time in years per modality (``*`` for any; a
-study several rules match keeps the longest),
+Rules (``[retention]`` in the config) give a keeping time in years per modality, ``*`` for
+modalities no rule names (a study of several modalities keeps the longest of their times),
 counted from the study date (or, without one, from when ClinicBox received it).  A study of a
 patient who was a minor at the exam is kept at least until the patient is ``minor_age`` +
 ``minor_extra_years`` years old.  A legal hold on the patient or the study keeps it whatever the
@@ -66,6 +66,29 @@ def _verified_backup_objects(config: Config, conn: sqlite3.Connection) -> dict[s
     return {o["path"]: o["sha256"] for o in manifest["objects"]}
 
 
+def _rule_for(rules, modalities: list[str]) -> dict | None:
+    """The rule that keeps a study longest, taking for each of its modalities the rule naming it, else
+    ``*`` (with US 10 years and ``*`` 30, ultrasound is kept 10 years, a study of CT and US 30).  A
+    study without a modality is covered by ``*``; None when no rule covers it."""
+    star = [x for x in rules if x.get("modality", "*") == "*"]
+    chosen = []
+    for modality in modalities or [None]:
+        named = [x for x in rules if modality is not None and x.get("modality") == modality]
+        chosen += named or star
+    return max(chosen, key=lambda x: int(x["years"])) if chosen else None
+
+
+def _hold_now(study_instance_uid: str):
+    """The last-moment check inside the delete's transaction: a legal hold placed since the plan."""
+    def keep_if(conn: sqlite3.Connection) -> str | None:
+        row = conn.execute(
+            "SELECT 1 FROM legal_holds WHERE (kind='study' AND value=?) OR (kind='patient' AND value IN ("
+            " SELECT p.patient_id FROM studies s JOIN patients p ON p.id = s.patient_pk"
+            " WHERE s.study_instance_uid=?))", (study_instance_uid, study_instance_uid)).fetchone()
+        return "legal hold" if row else None
+    return keep_if
+
+
 def plan(config: Config, archive: Archive, today: date | None = None) -> list[dict]:
     """Every study with its verdict: keep (and why) or delete (and why)."""
     today = today or date.today()
@@ -78,9 +101,7 @@ def plan(config: Config, archive: Archive, today: date | None = None) -> list[di
             "SELECT s.id, s.study_instance_uid, s.study_date, s.created_at, s.modalities_in_study, s.num_instances,"
             " p.patient_id, p.patient_birth_date FROM studies s JOIN patients p ON p.id = s.patient_pk"):
         mods = [m for m in (s["modalities_in_study"] or "").split("\\") if m]
-        # a study with several modalities keeps the longest time any of them asks for
-        matching = [x for x in r.rules if x.get("modality", "*") == "*" or x.get("modality") in mods]
-        rule = max(matching, key=lambda x: int(x["years"])) if matching else None
+        rule = _rule_for(r.rules, mods)
         basis = _date(s["study_date"]) or _date(s["created_at"])
         item = {"study_instance_uid": s["study_instance_uid"], "study_date": s["study_date"], "modalities": mods,
                 "instances": s["num_instances"]}
@@ -150,13 +171,21 @@ def run_retention(config: Config, archive: Archive, *, dry_run: bool = False, wh
     backed_up = (_verified_backup_objects(config, archive.index.conn) or {}) \
         if config.retention.require_verified_backup else None
     for v in doomed:
-        # checked again inside the delete: what arrived since the plan, or is not in the backup, stays
-        n = archive.delete_study(v["study_instance_uid"], only=backed_up)
-        archive.writer.call(lambda conn, v=v, n=n: audit(conn, who, "retention delete",
-                                                         {"study_instance_uid": v["study_instance_uid"],
-                                                          "instances": n, "why": v["why"]}))
-        figures["deleted_studies"] += 1
-        figures["deleted_instances"] += n
+        # checked again inside the delete's transaction: what arrived since the plan, or is not in the
+        # backup, stays; a legal hold placed since the plan keeps the study; the audit record commits
+        # with the deletion
+        def record(conn, n, v=v):
+            audit(conn, who, "retention delete", {"study_instance_uid": v["study_instance_uid"], "instances": n,
+                                                  "why": v["why"]})
+
+        n = archive.delete_study(v["study_instance_uid"], only=backed_up, keep_if=_hold_now(v["study_instance_uid"]),
+                                 write_extra=record)
+        if isinstance(n, str):
+            log.info("retention: a study was kept at the last moment: %s", n)
+            continue
+        if n:
+            figures["deleted_studies"] += 1
+            figures["deleted_instances"] += n
     log.info("retention: %d studies checked, %d deleted (%d instances)", len(verdicts), figures["deleted_studies"],
              figures["deleted_instances"])
     return figures

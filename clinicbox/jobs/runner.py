@@ -1,8 +1,11 @@
 """The jobs: plain functions of the appliance's config and archive, each run recorded in ``job_runs``.
 
-``run_job(name, …)`` is what the scheduler, ``clinicbox jobs run`` and tests call.  A run holds a
-per-job lock file in the data dir, so runs of one job never overlap, even between the service and
-a run started by hand; a run that finds the lock taken is recorded as ``skipped``.
+``run_job(name, …)`` is what the scheduler, ``clinicbox jobs run``, the console and tests call.  A
+run holds a per-job lock file in the data dir, so runs of one job never overlap, even between the
+service and a run started by hand; a run that finds its job's lock taken is recorded as ``skipped``.
+Runs of different jobs wait for each other (one more lock, ``jobs.lock``): retention deleting files
+while the scrub checks them (and "repairs" them back from the backup), or a backup pruning the one
+the restore test is reading, must not happen.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from clinicbox.jobs import backup
 log = logging.getLogger(__name__)
 
 migrations = MigrationSet("clinicbox.jobs")
+ALL_JOBS_LOCK = "jobs.lock"
+# outcomes of a run that ran to its end (a run with "problems" did its work and found trouble)
+FINISHED = ("ok", "problems")
 
 
 @migrations(name="0001_job_runs")
@@ -87,7 +93,16 @@ def _target(config: Config) -> Path:
 
 
 def _backup(config: Config, archive: Archive) -> dict:
-    return backup.run_backup(config.data_dir, _target(config), keep=config.backup.keep).figures()
+    def flag(items) -> None:
+        # stored files the backup found damaged or missing: marked like the scrub marks them, and first
+        # in line for its next run (which repairs them from an earlier backup)
+        def write(conn):
+            for table in ("instances", "held_objects"):
+                conn.executemany(f"UPDATE {table} SET state=?, verified_at=NULL WHERE path=? AND sha256=?"
+                                 " AND state='ok'", [(state, p, h) for p, h, state in items])
+        archive.writer.call(write)
+
+    return backup.run_backup(config.data_dir, _target(config), keep=config.backup.keep, flag=flag).figures()
 
 
 def _restore_test(config: Config, archive: Archive) -> dict:
@@ -147,22 +162,33 @@ def run_job(name: str, config: Config, archive: Archive, *, trigger: str = "manu
         except BlockingIOError:
             log.warning("job %s not started (%s): the previous run is still going", name, trigger)
             return _record(archive, name, trigger, idx.utcnow(), "skipped", {}, "the previous run is still going")
-        started = idx.utcnow()
-        run_id = archive.writer.call(lambda conn: conn.execute(
-            "INSERT INTO job_runs (job, trigger, started_at) VALUES (?,?,?)", (name, trigger, started)).lastrowid)
-        t0 = time.monotonic()
-        try:
-            figures = job.fn(config, archive) or {}
-        except backup.BackupError as exc:
-            log.error("job %s failed: %s", name, exc)
-            return _finish(archive, run_id, name, trigger, started, "failed", {}, str(exc))
-        except Exception as exc:
-            log.error("job %s failed: %s\n%s", name, exc, traceback.format_exc())
-            return _finish(archive, run_id, name, trigger, started, "failed", {}, f"{type(exc).__name__}: {exc}")
-        figures.setdefault("seconds", round(time.monotonic() - t0, 3))
-        outcome = figures.pop("_outcome", "ok")  # a job that ran but found trouble says so
-        log.info("job %s done in %.2f s: %s", name, time.monotonic() - t0, outcome)
-        return _finish(archive, run_id, name, trigger, started, outcome, figures, "")
+        with open(config.data_dir / ALL_JOBS_LOCK, "a") as all_jobs:
+            try:
+                fcntl.flock(all_jobs, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("job %s (%s) waits: another job is running", name, trigger)
+                fcntl.flock(all_jobs, fcntl.LOCK_EX)
+            return _run_locked(job, config, archive, trigger)
+
+
+def _run_locked(job: Job, config: Config, archive: Archive, trigger: str) -> dict:
+    name = job.name
+    started = idx.utcnow()
+    run_id = archive.writer.call(lambda conn: conn.execute(
+        "INSERT INTO job_runs (job, trigger, started_at) VALUES (?,?,?)", (name, trigger, started)).lastrowid)
+    t0 = time.monotonic()
+    try:
+        figures = job.fn(config, archive) or {}
+    except backup.BackupError as exc:
+        log.error("job %s failed: %s", name, exc)
+        return _finish(archive, run_id, name, trigger, started, "failed", {}, str(exc))
+    except Exception as exc:
+        log.error("job %s failed: %s\n%s", name, exc, traceback.format_exc())
+        return _finish(archive, run_id, name, trigger, started, "failed", {}, f"{type(exc).__name__}: {exc}")
+    figures.setdefault("seconds", round(time.monotonic() - t0, 3))
+    outcome = figures.pop("_outcome", "ok")  # a job that ran but found trouble says so
+    log.info("job %s done in %.2f s: %s", name, time.monotonic() - t0, outcome)
+    return _finish(archive, run_id, name, trigger, started, outcome, figures, "")
 
 
 def _finish(archive, run_id, name, trigger, started, outcome, figures, error) -> dict:
@@ -191,10 +217,12 @@ def history(archive: Archive, job: str | None = None, limit: int = 50) -> list[d
     return [dict(r) | {"figures": json.loads(r["figures"] or "{}")} for r in rows]
 
 
-def last_ok(archive: Archive, job: str) -> dict | None:
+def last_ok(archive: Archive, job: str, outcomes: tuple[str, ...] = ("ok",)) -> dict | None:
+    """The job's newest run with one of ``outcomes`` (default: ok), or None."""
+    marks = ",".join("?" * len(outcomes))
     row = archive.index.conn.execute(
-        "SELECT started_at, ended_at, figures FROM job_runs WHERE job=? AND outcome='ok' ORDER BY id DESC LIMIT 1",
-        (job,)).fetchone()
+        f"SELECT started_at, ended_at, outcome, figures FROM job_runs WHERE job=? AND outcome IN ({marks})"
+        " ORDER BY id DESC LIMIT 1", (job, *outcomes)).fetchone()
     return dict(row) if row else None
 
 
@@ -233,7 +261,7 @@ def overview(config: Config, archive: Archive) -> dict:
     """
     state, free = archive.disk_state()
     verified = last_ok(archive, "restore-test")
-    backup_run = last_ok(archive, "backup")
+    backup_run = last_ok(archive, "backup", FINISHED)
     return {
         "data_dir": str(config.data_dir),
         "disk": {"state": state, "free_mb": free // (1024 * 1024),
