@@ -220,18 +220,6 @@ def test_silent_connections_do_not_lock_out_modalities(tmp_path, echoscu):
         assert r.returncode == 0
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 12 MB tmpfs: a real filesystem that fills up."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs for the disk-full test (run as root): {r.stderr}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)])
-
-
 def test_disk_full_answers_a700_then_recovers(small_fs, tmp_path, storescu):
     config = tmp_path / "no-guard.toml"  # the real ENOSPC path: the disk guard's thresholds off
     config.write_text("[storage]\nmin_free_warning_mb = 0\nmin_free_critical_mb = 0\n")
@@ -344,7 +332,8 @@ def test_stream_of_malformed_pdus_keeps_memory_flat_and_service_up(server, echos
 
 
 def test_disk_guard_refuses_stores_below_the_critical_threshold(tmp_path, storescu):
-    """Below storage.min_free_critical_mb every store is refused with 0xA700 before anything is written."""
+    """Below storage.min_free_critical_mb every store is refused with 0xA700 and no file is left behind
+    (the object is received into incoming/, then refused and removed, never placed or indexed)."""
     free_mb = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize // (1024 * 1024)
     config = tmp_path / "guard.toml"
     config.write_text(f"[storage]\nmin_free_warning_mb = {free_mb + 20000}\nmin_free_critical_mb = {free_mb + 10000}\n")
@@ -361,5 +350,24 @@ def test_disk_guard_refuses_stores_below_the_critical_threshold(tmp_path, stores
         assert not any((tmp_path / "data" / "incoming").iterdir())
         status = json.loads(box.cli("status", "--json", "--config", str(config)).stdout)
         assert status["disk"]["state"] == "critical"
+    finally:
+        box.stop()
+
+
+def test_disk_guard_warning_still_stores_and_says_so(tmp_path, storescu):
+    free_mb = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize // (1024 * 1024)
+    config = tmp_path / "warn.toml"
+    config.write_text(f"[storage]\nmin_free_warning_mb = {free_mb + 20000}\nmin_free_critical_mb = 1\n")
+    box = ClinicBox(tmp_path / "data", config=config)
+    box.start()
+    try:
+        files = write_ct_series(tmp_path / "s", 2, rows=16, cols=16)
+        r = subprocess.run([storescu, "-aec", "CLINICBOX", "127.0.0.1", str(box.port), *map(str, files)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert _count(box) == 2
+        assert "(warning; warning below" in box.log()
+        status = json.loads(box.cli("status", "--json", "--config", str(config)).stdout)
+        assert status["disk"]["state"] == "warning"
     finally:
         box.stop()

@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -492,13 +493,38 @@ def test_serve_runs_a_missed_backup_once_at_start(tmp_path):
         f"{got}\n{box.log()[-3000:]}"
     assert len(list_backups(target)) == 1
 
-    # started again: the last run is newer than the schedule's previous time, nothing is missed
+    # started again: the last run is newer than the schedule's previous time, nothing is missed; a run
+    # that ended with problems (a scrub that found damage) counts as run, not as missed
+    def scrubs():
+        return json.loads(box.cli("jobs", "history", "--job", "scrub", "--json", "--config", str(config)).stdout)
+
+    assert scrubs() and all(r["trigger"] == "missed" for r in scrubs())
+    db = sqlite3.connect(tmp_path / "data" / INDEX)
+    with db:
+        db.execute("UPDATE job_runs SET outcome='problems' WHERE job='scrub'")
+    db.close()
+    n_scrubs = len(scrubs())
     box.start()
     try:
         time.sleep(2)
     finally:
         box.stop()
     assert len(runs()) == 1, runs()
+    assert len(scrubs()) == n_scrubs, scrubs()
+
+    # the box was off over a scheduled time after a run it did make: that time is missed, run once
+    db = sqlite3.connect(tmp_path / "data" / INDEX)
+    with db:
+        db.execute("UPDATE job_runs SET started_at='2026-01-01T00:00:00.000+00:00' WHERE job='backup'")
+    db.close()
+    box.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len([r for r in runs() if r["outcome"] == "ok"]) < 2:
+            time.sleep(0.3)
+    finally:
+        box.stop()
+    assert [(r["trigger"], r["outcome"]) for r in runs()] == [("missed", "ok"), ("missed", "ok")], runs()
 
 
 # ------------------------------------------------------------------------------------ 6. config errors
@@ -554,3 +580,168 @@ def test_backup_survives_an_instance_replaced_between_snapshot_and_copy(tmp_path
         assert result.instances in (4, 5)
     finally:
         a.close()
+
+
+# ------------------------------------------------------------------ review regressions (jobs, backup)
+
+
+def test_runs_of_different_jobs_wait_for_each_other(archive, tmp_path):
+    """Retention must not delete while the scrub reads (and repairs), nor a backup prune what the restore
+    test reads: a second job waits for the first, it is not skipped."""
+    config = Config(storage=archive.settings)
+    store_series(archive, tmp_path / "src", 2)
+    done = {}
+    with open(archive.store.root / "jobs.lock", "a") as other_job:
+        fcntl.flock(other_job, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        t = threading.Thread(target=lambda: done.setdefault("run", run_job("scrub", config, archive)))
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive() and history(archive, "scrub") == []  # waiting, not started, not skipped
+    t.join(30)
+    assert done["run"]["outcome"] == "ok" and done["run"]["figures"]["checked"] == 2
+
+
+def _damage(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_stored_file_is_left_out_of_the_backup_not_failing_it(archive, tmp_path):
+    """A new file that no longer matches its ingest checksum, or has vanished, used to fail every backup
+    until the rolling scrub reached it; now it is left out and flagged, and the rest is backed up."""
+    from clinicbox.core.config import IntegritySettings
+
+    target = tmp_path / "usb"
+    target.mkdir()
+    config = Config(storage=archive.settings, backup=BackupSettings(target=str(target), keep=5),
+                    integrity=IntegritySettings(repair_from_backup=False))
+    store_series(archive, tmp_path / "a", 4, patient_id="D1")
+    assert run_job("backup", config, archive)["outcome"] == "ok"
+    old = archive.index.conn.execute("SELECT path, sha256 FROM instances ORDER BY id LIMIT 1").fetchone()
+    _damage(archive.store.abspath(old["path"]))  # backed up before: the scrub finds it (repair off here)
+    assert run_job("scrub", config, archive)["figures"]["damaged"] == 1
+    store_series(archive, tmp_path / "b", 3, patient_id="D2")
+    new = archive.index.conn.execute("SELECT path, sha256 FROM instances ORDER BY id DESC LIMIT 3").fetchall()
+    _damage(archive.store.abspath(new[0]["path"]))
+    archive.store.abspath(new[1]["path"]).unlink()
+
+    run = run_job("backup", config, archive)
+    assert run["outcome"] == "problems", run
+    f = run["figures"]
+    assert f["damaged_at_source"] == 2 and f["instances"] == 4 and f["copied"] == 1, f
+    assert {(x["path"], x["state"]) for x in f["left_out"]} == {(new[0]["path"], "damaged"),
+                                                                 (new[1]["path"], "missing")}
+    states = dict(archive.index.conn.execute("SELECT path, state FROM instances").fetchall())
+    assert states[new[0]["path"]] == "damaged" and states[new[1]["path"]] == "missing"
+    assert verify_backup(target)["ok"]
+    # restore: the damaged old file comes back intact from the first backup (carried) and is ok there;
+    # the two left out are marked as they were, not pointing at files that are not there
+    r = restore(target, None, tmp_path / "restored")
+    assert r["restored"] == 5  # 3 + 1 of batch a as they are, 1 carried, batch b's intact one
+    restored = tmp_path / "restored"
+    assert bk.dataset_sha256(restored / old["path"]) == old["sha256"]
+    conn = sqlite3.connect(restored / INDEX)
+    try:
+        rstates = dict(conn.execute("SELECT path, state FROM instances").fetchall())
+    finally:
+        conn.close()
+    assert rstates[old["path"]] == "ok"
+    assert rstates[new[0]["path"]] == "damaged" and rstates[new[1]["path"]] == "missing"
+    assert not (restored / new[1]["path"]).exists()
+    # with repair on, the scrub puts the old one back; the new ones have no intact copy anywhere
+    repair = Config(storage=archive.settings, backup=config.backup)
+    scrub = run_job("scrub", repair, archive)
+    assert scrub["figures"]["repaired"] == 1 and scrub["outcome"] == "problems", scrub
+    assert bk.dataset_sha256(archive.store.abspath(old["path"])) == old["sha256"]
+
+
+def test_a_target_that_lost_its_backup_folder_is_refused_as_not_mounted(archive, tmp_path):
+    """An unplugged USB disk leaves its empty mount point: backing up there would fill the system disk."""
+    store_series(archive, tmp_path / "src", 2)
+    mount_point = tmp_path / "usb"
+    mount_point.mkdir()
+    run_backup(archive.store.root, mount_point)
+    shutil.rmtree(mount_point / bk.ROOT)  # what an unmounted disk looks like from here
+    with pytest.raises(BackupError, match="is the backup disk mounted") as exc:
+        run_backup(archive.store.root, mount_point)
+    assert "\n" not in str(exc.value)
+    assert list(mount_point.iterdir()) == []
+    (mount_point / bk.ROOT).mkdir()  # a new, empty disk: staff create the folder, as the message says
+    assert run_backup(archive.store.root, mount_point).copied == 2
+
+
+def test_a_full_target_fails_clearly_and_leaves_no_partial_copies(archive, tmp_path, small_fs):
+    for f in write_ct_series(tmp_path / "src", 6, rows=256, cols=256):  # 128 kB each
+        archive.store_file(f)
+    free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+    index_size = (archive.store.root / INDEX).stat().st_size
+    (small_fs / "ballast").write_bytes(b"\0" * (free - index_size - 256 * 1024))  # the snapshot and 1-2 files
+    config = Config(storage=archive.settings, backup=BackupSettings(target=str(small_fs), keep=3))
+    run = run_job("backup", config, archive)
+    assert run["outcome"] == "failed" and run["error"].startswith("backup target is full"), run
+    assert "backup.keep" in run["error"]
+    assert list_backups(small_fs) == []
+    assert not [p for p in (small_fs / bk.ROOT).rglob("*") if p.is_file()], "partial copies left on the target"
+    (small_fs / "ballast").unlink()
+    assert run_job("backup", config, archive)["outcome"] == "ok"
+
+
+def test_verify_and_restore_name_an_unreadable_pool_file(archive, tmp_path):
+    store_series(archive, tmp_path / "src", 3)
+    target = tmp_path / "usb"
+    target.mkdir()
+    result = run_backup(archive.store.root, target)
+    victim = sorted(pool_files(target))[0]
+    (target / bk.ROOT / victim).write_bytes(b"")  # truncated to nothing: not even a DICOM preamble
+    report = verify_backup(target)
+    assert not report["ok"] and any("unreadable" in p for p in report["problems"]), report
+    with pytest.raises(BackupError, match="1 object\\(s\\) could not be restored") as exc:
+        restore(target, result.backup_id, tmp_path / "r")
+    assert "marked missing" in str(exc.value)
+    conn = sqlite3.connect(tmp_path / "r" / INDEX)
+    try:
+        states = sorted(r[0] for r in conn.execute("SELECT state FROM instances"))
+    finally:
+        conn.close()
+    assert states == ["missing", "ok", "ok"]
+    r = run_cli("backup", "verify", "--to", target, "--data-dir", archive.store.root)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+
+
+def test_an_ambiguous_backup_id_prefix_is_refused(archive, tmp_path):
+    store_series(archive, tmp_path / "src", 1)
+    target = tmp_path / "usb"
+    target.mkdir()
+    first = run_backup(archive.store.root, target)
+    second = run_backup(archive.store.root, target)
+    common = os.path.commonprefix([first.backup_id, second.backup_id])
+    with pytest.raises(BackupError, match="give more of the ID"):
+        bk.find_backup(target, common)
+    assert bk.find_backup(target, second.backup_id).name == second.backup_id
+
+
+def test_a_target_too_full_for_the_index_snapshot_says_so(archive, tmp_path, small_fs):
+    store_series(archive, tmp_path / "src", 2)
+    free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+    (small_fs / "ballast").write_bytes(b"\0" * (free - 8 * 1024))
+    with pytest.raises(BackupError, match="^backup target is full: cannot"):
+        run_backup(archive.store.root, small_fs)
+    assert not any((small_fs / bk.ROOT / "backups").iterdir())
+
+
+def test_jobs_list_shows_schedules_and_last_runs(archive, tmp_path):
+    target = tmp_path / "usb"
+    target.mkdir()
+    config = write_config(tmp_path / "box.toml", f'[storage]\ndata_dir = "{archive.store.root}"\n'
+                                                 f'[backup]\ntarget = "{target}"\n[jobs]\nscrub = ""\n')
+    store_series(archive, tmp_path / "src", 1)
+    assert run_cli("backup", "run", "--config", config).returncode == 0
+    out = run_cli("jobs", "list", "--config", config, check=True).stdout.splitlines()
+    rows = {line.split()[0]: line for line in out[1:]}
+    assert set(rows) == {"backup", "restore-test", "retention", "scrub"}
+    assert "0 2 * * *" in rows["backup"] and " ok " in rows["backup"]
+    assert "never" in rows["restore-test"] and "30 4 * * 0" in rows["restore-test"]
+    assert rows["scrub"].split()[1] == "-"  # not scheduled
+    no_target = run_cli("jobs", "list", "--data-dir", archive.store.root, check=True).stdout
+    assert "(no target)" in no_target

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import date
 
 import pydicom
@@ -10,8 +12,10 @@ import pytest
 
 from clinicbox.archive.ingest import Archive
 from clinicbox.core import config as cfg
+from clinicbox.jobs import retention
 from clinicbox.jobs.retention import plan, run_retention
 from clinicbox.jobs.runner import open_jobs, run_job
+from tests.support.peers import REPO
 from tests.support.synth import ORG_ROOT, ct_dataset
 
 TODAY = date(2026, 11, 23)
@@ -238,3 +242,127 @@ def test_an_instance_that_arrives_after_the_verified_backup_survives_its_studys_
     assert (done["deleted_studies"], done["deleted_instances"]) == (1, 2)  # the two backed-up ones
     kept = archive.index.instance(late.SOPInstanceUID)
     assert kept is not None and archive.store.abspath(kept["path"]).exists()
+
+
+# ------------------------------------------------------------------------ review regressions (retention)
+
+
+def _store(archive, tmp_path, name, pid, birth, day, modality, n=1, study=None):
+    study = study or pydicom.uid.generate_uid(prefix=ORG_ROOT)
+    series = pydicom.uid.generate_uid(prefix=ORG_ROOT)
+    for i in range(n):
+        ds = ct_dataset(study, series, i + 1, rows=4, cols=4, patient_id=pid, patient_name=f"{name}^X")
+        ds.PatientBirthDate, ds.StudyDate, ds.Modality = birth, day, modality
+        path = tmp_path / f"{name}-{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        archive.store_file(path)
+    return study
+
+
+@pytest.fixture
+def bare(tmp_path):
+    """An empty archive and a factory of configs over it (no verified backup required)."""
+    def make(**retention):
+        return cfg.from_mapping({"storage": {"data_dir": str(tmp_path / "data")},
+                                 "retention": {"enabled": True, "require_verified_backup": False,
+                                               "rules": [{"modality": "US", "years": 10}], **retention}})
+    archive = Archive(make().storage)
+    archive.open()
+    open_jobs(archive)
+    yield make, archive
+    archive.close()
+
+
+def test_a_rule_naming_a_modality_beats_the_star_rule(bare, tmp_path):
+    make, archive = bare
+    config = make(rules=[{"modality": "US", "years": 10}, {"modality": "*", "years": 30}])
+    us = _store(archive, tmp_path, "us", "S1", "19600101", "20140101", "US")
+    ct = _store(archive, tmp_path, "ct", "S2", "19600101", "20140101", "CT")
+    verdicts = {v["study_instance_uid"]: v for v in plan(config, archive, TODAY)}
+    assert verdicts[us]["action"] == "delete" and "10 years for US" in verdicts[us]["why"]
+    assert verdicts[ct]["action"] == "keep" and "30 years for *" in verdicts[ct]["why"]
+
+
+def test_a_minor_is_judged_by_the_age_at_the_exam_and_kept_the_extra_years(bare, tmp_path):
+    make, archive = bare
+    # 9 at the exam (2010), 26 today: kept until 18 + 10 = 2028, though the 10-year rule ended in 2020
+    minor = _store(archive, tmp_path, "minor", "K1", "20000601", "20100101", "US")
+    # 19 at the exam: an adult; the rule alone counts
+    adult = _store(archive, tmp_path, "adult", "K2", "19901231", "20100101", "US")
+    # the exam on the 18th birthday: an adult
+    birthday = _store(archive, tmp_path, "birthday", "K3", "19920101", "20100101", "US")
+    verdicts = {v["study_instance_uid"]: v for v in plan(make(), archive, TODAY)}
+    assert verdicts[minor]["action"] == "keep" and "2028-06-01" in verdicts[minor]["why"]
+    assert verdicts[adult]["action"] == "delete" and verdicts[birthday]["action"] == "delete"
+    # without the extra years the minor's study would have gone in 2018: the setting is what keeps it
+    no_extra = {v["study_instance_uid"]: v for v in plan(make(minor_extra_years=0), archive, TODAY)}
+    assert no_extra[minor]["action"] == "delete"
+
+
+def test_a_hold_on_one_study_keeps_that_study_only(bare, tmp_path):
+    make, archive = bare
+    held = _store(archive, tmp_path, "a", "H1", "19600101", "20100101", "US")
+    other = _store(archive, tmp_path, "b", "H1", "19600101", "20100102", "US")
+    r = subprocess.run([sys.executable, "-m", "clinicbox", "hold", "add", "--study", held, "--reason", "court",
+                        "--data-dir", str(archive.store.root)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    verdicts = {v["study_instance_uid"]: v for v in plan(make(), archive, TODAY)}
+    assert verdicts[held]["action"] == "keep" and verdicts[held]["why"] == "legal hold"
+    assert verdicts[other]["action"] == "delete"
+    done = run_retention(make(), archive, today=TODAY)
+    assert done["deleted_studies"] == 1
+    assert [r[0] for r in archive.index.conn.execute("SELECT study_instance_uid FROM studies")] == [held]
+
+
+def test_a_hold_placed_after_the_plan_still_keeps_the_study(bare, tmp_path, monkeypatch):
+    make, archive = bare
+    study = _store(archive, tmp_path, "late-hold", "H2", "19600101", "20100101", "US", n=2)
+    real_plan = retention.plan
+
+    def plan_then_hold(*args, **kwargs):
+        verdicts = real_plan(*args, **kwargs)
+        archive.writer.call(lambda conn: conn.execute(
+            "INSERT INTO legal_holds (kind, value, reason, who, at) VALUES ('patient', 'H2', 'late', 't', 'x')"))
+        return verdicts
+
+    monkeypatch.setattr(retention, "plan", plan_then_hold)
+    done = run_retention(make(), archive, today=TODAY)
+    assert done["to_delete"] == 1 and done["deleted_studies"] == 0
+    assert archive.index.counts()["instances"] == 2
+    assert archive.index.conn.execute("SELECT count(*) FROM audit_log WHERE action='retention delete'"
+                                      ).fetchone()[0] == 0
+
+
+def test_an_instance_sent_again_while_its_study_is_deleted_keeps_its_file(bare, tmp_path, monkeypatch):
+    """Rows go first, files after: the same UID re-sent in between is placed at the same path and
+    acknowledged; the deletion must not then remove that file."""
+    make, archive = bare
+    study = _store(archive, tmp_path, "resent", "H3", "19600101", "20100101", "US")
+    row = archive.index.conn.execute("SELECT sop_instance_uid, path FROM instances").fetchone()
+    copy = tmp_path / "resent-again.dcm"
+    copy.write_bytes(archive.store.abspath(row["path"]).read_bytes())
+    real_lock, sent = archive._uid_lock, []
+
+    def lock_after_a_resend(uid):
+        if not sent:  # the deletion's rows are committed: now the modality sends it again
+            sent.append("sending")
+            sent.append(archive.store_file(copy))
+        return real_lock(uid)
+
+    monkeypatch.setattr(archive, "_uid_lock", lock_after_a_resend)
+    assert archive.delete_study(study) == 1
+    assert sent, "the re-send did not happen inside the window"
+    again = archive.index.instance(row["sop_instance_uid"])
+    assert again is not None and again["path"] == row["path"]
+    assert archive.store.abspath(row["path"]).is_file(), "an acknowledged instance lost its file"
+
+
+def test_the_scrub_does_not_put_back_a_file_whose_row_went(bare, tmp_path):
+    make, archive = bare
+    study = _store(archive, tmp_path, "gone", "H4", "19600101", "20100101", "US")
+    row = archive.index.conn.execute("SELECT id, path, sha256 FROM instances").fetchone()
+    intact = tmp_path / "intact.dcm"
+    intact.write_bytes(archive.store.abspath(row["path"]).read_bytes())
+    archive.delete_study(study)
+    assert archive.put_back("instances", row["id"], row["path"], row["sha256"], intact) is False
+    assert not archive.store.abspath(row["path"]).exists()

@@ -23,6 +23,7 @@ copy).  Old backups beyond ``backup.keep`` are pruned, then pool files no kept b
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -245,9 +246,14 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
         pool.mkdir(parents=True, exist_ok=True)
         _snapshot(data_dir / INDEX_FILE, bdir / INDEX_FILE)
     except OSError as exc:
-        raise BackupError(f"cannot write to the backup target {target}: {exc}") from None
+        shutil.rmtree(bdir, ignore_errors=True)
+        full = exc.errno == errno.ENOSPC
+        raise BackupError(("backup target is full: " if full else "")
+                          + f"cannot write to the backup target {target}: {exc}") from None
     except sqlite3.Error as exc:
-        raise BackupError(f"cannot snapshot the index: {exc}") from None
+        shutil.rmtree(bdir, ignore_errors=True)
+        full = "full" in str(exc).lower()
+        raise BackupError(("backup target is full: " if full else "") + f"cannot snapshot the index: {exc}") from None
     snap = sqlite3.connect(bdir / INDEX_FILE)
     try:
         # held objects (waiting in the reconciliation queue) are as much the clinic's as indexed ones
@@ -375,7 +381,10 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
         shutil.rmtree(bdir, ignore_errors=True)
         first = errors[0]
         if full:  # what no kept backup names (copies cut short, .part files) goes, for the next attempt
-            prune(target, keep, sweep=True)
+            if list_backups(target):
+                prune(target, keep, sweep=True)
+            elif not any((root / "backups").glob(f"*/{MANIFEST}")):  # no backup at all: the pool is leftovers
+                shutil.rmtree(pool, ignore_errors=True)
             raise BackupError(f"backup target is full: {len(errors)} object(s) not backed up (backup.keep = {keep} "
                               "backups are kept: lower it, or use a larger disk)")
         raise BackupError(f"{len(errors)} object(s) not backed up, e.g. {first[0]}: {first[1]}")
