@@ -745,3 +745,36 @@ def test_jobs_list_shows_schedules_and_last_runs(archive, tmp_path):
     assert rows["scrub"].split()[1] == "-"  # not scheduled
     no_target = run_cli("jobs", "list", "--data-dir", archive.store.root, check=True).stdout
     assert "(no target)" in no_target
+
+
+def test_the_scheduler_never_overlaps_a_slow_job_and_records_dropped_fires(archive, tmp_path, monkeypatch):
+    """A job slower than its schedule (every second, 2.2 s a run): runs follow each other, and the fires
+    that came while one was going are recorded as skipped."""
+    from clinicbox.core.config import JobsSettings
+    from clinicbox.jobs import runner
+    from clinicbox.jobs.scheduler import Scheduler
+
+    spans, lock = [], threading.Lock()
+
+    def slow(config, archive):
+        start = time.monotonic()
+        time.sleep(2.2)
+        with lock:
+            spans.append((start, time.monotonic()))
+        return {}
+
+    monkeypatch.setitem(runner.JOBS, "scrub", runner.Job("scrub", "slow", slow))
+    config = Config(storage=archive.settings, jobs=JobsSettings(backup="", restore_test="", retention="",
+                                                                scrub="*/1 * * * * *"))
+    sched = Scheduler(config, archive)
+    sched.start()
+    try:
+        time.sleep(6)
+    finally:
+        sched.stop()
+    runs = history(archive, "scrub")
+    assert len(spans) >= 2, runs
+    for (_s1, e1), (s2, _e2) in itertools.pairwise(sorted(spans)):
+        assert s2 >= e1, f"overlapping runs: {spans}"
+    skipped = [r for r in runs if r["outcome"] == "skipped"]
+    assert skipped and all(r["error"] == "the previous run is still going" for r in skipped), runs

@@ -616,10 +616,13 @@ def restore_test(data_dir: Path, target: Path, scratch: Path | None = None) -> d
         result = restore(target, manifest["id"], scratch)
         conn = sqlite3.connect(scratch / INDEX_FILE)
         try:
+            check = conn.execute("PRAGMA integrity_check").fetchone()[0]
             counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
                       for t in ("patients", "studies", "series", "instances")}
         finally:
             conn.close()
+        if check != "ok":
+            raise BackupError(f"the restored index is not sound: {check}")
         expected = {t: manifest[t] for t in counts}
         if counts != expected:
             raise BackupError(f"restored counts {counts} differ from the manifest's {expected}")

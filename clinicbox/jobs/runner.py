@@ -160,8 +160,7 @@ def run_job(name: str, config: Config, archive: Archive, *, trigger: str = "manu
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.warning("job %s not started (%s): the previous run is still going", name, trigger)
-            return _record(archive, name, trigger, idx.utcnow(), "skipped", {}, "the previous run is still going")
+            return record_skipped(archive, name, trigger, "the previous run is still going")
         with open(config.data_dir / ALL_JOBS_LOCK, "a") as all_jobs:
             try:
                 fcntl.flock(all_jobs, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -198,6 +197,12 @@ def _finish(archive, run_id, name, trigger, started, outcome, figures, error) ->
         (ended, outcome, json.dumps(figures), error, run_id)))
     return {"job": name, "trigger": trigger, "started_at": started, "ended_at": ended, "outcome": outcome,
             "figures": figures, "error": error}
+
+
+def record_skipped(archive: Archive, name: str, trigger: str, why: str) -> dict:
+    """Record a run that did not start (the scheduler dropped it: the previous one is still going)."""
+    log.warning("job %s not started (%s): %s", name, trigger, why)
+    return _record(archive, name, trigger, idx.utcnow(), "skipped", {}, why)
 
 
 def _record(archive, name, trigger, started, outcome, figures, error) -> dict:

@@ -1,9 +1,10 @@
 """The job schedule inside ``clinicbox serve``: the only module that imports APScheduler.
 
 Schedules are cron expressions from ``[jobs]`` in the config (empty: not scheduled).  A run missed
-while the box was off (its last successful run is older than the schedule's previous fire time)
+while the box was off (its last finished run is older than the schedule's previous fire time)
 runs once at start-up.  Runs of one job never overlap (APScheduler ``max_instances=1``, plus the
-job's lock file against runs started by hand).
+job's lock file against runs started by hand); a fire APScheduler drops because the previous run
+is still going is recorded as ``skipped`` like any other.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from clinicbox.archive.ingest import Archive
 from clinicbox.core.config import Config, ConfigError
-from clinicbox.jobs.runner import FINISHED, JOBS, last_ok, run_job
+from clinicbox.jobs.runner import FINISHED, JOBS, last_ok, record_skipped, run_job
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,7 @@ class Scheduler:
         self.config = config
         self.archive = archive
         self._scheduler = BackgroundScheduler(timezone=config.jobs.timezone or None)
+        self._scheduler.add_listener(self._dropped, EVENT_JOB_MAX_INSTANCES)
 
     def start(self) -> None:
         plan = schedules(self.config)
@@ -120,6 +123,11 @@ class Scheduler:
             if previous is not None and (done is None or datetime.fromisoformat(done["started_at"]) < previous):
                 log.info("job %s missed its run of %s (box off?): running it now", name, previous)
                 self._scheduler.add_job(self._run, args=[name, "missed"], id=f"{name}-missed", max_instances=1)
+
+    def _dropped(self, event) -> None:
+        name = event.job_id.removesuffix("-missed")
+        if name in JOBS:
+            record_skipped(self.archive, name, "schedule", "the previous run is still going")
 
     def _run(self, name: str, trigger: str) -> None:
         run_job(name, self.config, self.archive, trigger=trigger)
