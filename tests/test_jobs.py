@@ -707,6 +707,11 @@ def test_verify_and_restore_name_an_unreadable_pool_file(archive, tmp_path):
     assert states == ["missing", "ok", "ok"]
     r = run_cli("backup", "verify", "--to", target, "--data-dir", archive.store.root)
     assert r.returncode == 1 and "Traceback" not in r.stderr
+    # the CLI: exit 1 with the reason, and what it restored is a working archive that says what it lacks
+    r = run_cli("restore", "latest", "--from", target, "--data-dir", tmp_path / "r2")
+    assert r.returncode == 1 and "marked missing" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    status = json.loads(run_cli("status", "--json", "--data-dir", tmp_path / "r2", check=True).stdout)
+    assert status["instances"] == 3 and status["instances_not_ok"] == {"missing": 1}
 
 
 def test_an_ambiguous_backup_id_prefix_is_refused(archive, tmp_path):

@@ -366,3 +366,15 @@ def test_the_scrub_does_not_put_back_a_file_whose_row_went(bare, tmp_path):
     archive.delete_study(study)
     assert archive.put_back("instances", row["id"], row["path"], row["sha256"], intact) is False
     assert not archive.store.abspath(row["path"]).exists()
+
+
+def test_a_study_without_a_birth_date_is_kept_unless_told_the_patient_is_an_adult(bare, tmp_path):
+    make, archive = bare
+    study = _store(archive, tmp_path, "nobirth", "B1", "", "20100101", "US")
+    [verdict] = plan(make(), archive, TODAY)
+    assert verdict["action"] == "keep" and "no birth date" in verdict["why"]
+    [verdict] = plan(make(without_birth_date="adult"), archive, TODAY)
+    assert verdict["action"] == "delete" and verdict["study_instance_uid"] == study
+    with pytest.raises(cfg.ConfigError) as exc:
+        make(without_birth_date="child")
+    assert exc.value.key == "retention.without_birth_date"

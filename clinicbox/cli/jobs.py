@@ -209,6 +209,8 @@ def cmd_restore(args, config: cfg.Config) -> int:
         result = restore(_backup_target(config, args.source), args.backup, Path(args.data_dir))
     except BackupError as exc:
         print(f"clinicbox: {exc}", file=sys.stderr)
+        if "could not be restored" in str(exc):  # what was restored is a working archive all the same
+            _open_archive(config).close()
         return 1
     archive = _open_archive(config)  # migrations and fan-out folders of the restored data dir
     archive.close()

@@ -133,6 +133,8 @@ class RetentionSettings:
     minor_age: int = setting(18, "A patient younger than this at the exam is a minor.", minimum=0, maximum=150)
     minor_extra_years: int = setting(10, "A minor's studies are kept at least until age minor_age plus this many years.",
                                      minimum=0, maximum=150)
+    without_birth_date: str = setting("keep", "A study whose patient has no birth date: keep (could be a minor's) or adult (the rules alone).",
+                                      choices=("keep", "adult"))
     require_verified_backup: bool = setting(True, "Delete only studies held in the backup whose restore was last verified; false is logged loudly.")
 
     def validate(self) -> None:

@@ -4,7 +4,8 @@ Rules (``[retention]`` in the config) give a keeping time in years per modality,
 modalities no rule names (a study of several modalities keeps the longest of their times),
 counted from the study date (or, without one, from when ClinicBox received it).  A study of a
 patient who was a minor at the exam is kept at least until the patient is ``minor_age`` +
-``minor_extra_years`` years old.  A legal hold on the patient or the study keeps it whatever the
+``minor_extra_years`` years old; without a birth date, a study past its time is kept unless
+``without_birth_date = "adult"``.  A legal hold on the patient or the study keeps it whatever the
 rules say.  A study is deleted only if every one of its files is in the backup whose restore was
 last verified (restore-test), unless ``require_verified_backup = false`` (logged loudly).  A dry
 run lists what would go and why; every deletion is written to the audit log.
@@ -121,6 +122,9 @@ def plan(config: Config, archive: Archive, today: date | None = None) -> list[di
             out.append(item | {"action": "keep", "why": "legal hold"})
         elif expires > today:
             out.append(item | {"action": "keep", "why": why})
+        elif birth is None and r.without_birth_date == "keep":
+            out.append(item | {"action": "keep", "why": "expired, but no birth date: kept in case the patient "
+                                                        "was a minor (retention.without_birth_date)"})
         elif r.require_verified_backup:
             if backed_up is None:
                 out.append(item | {"action": "keep", "why": "expired, but no verified backup (restore test) yet"})
