@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -54,6 +55,9 @@ try:
     from tests.support.synth import write_ct_series
 except ImportError as exc:  # pragma: no cover - wrong interpreter
     sys.exit(f"bench/backup.py: {exc}; run it with the project venv: .venv/bin/python bench/backup.py")
+
+# every target here is on the data's own disk, as a benchmark's must be: the warning saying so is noise
+logging.getLogger("clinicbox.jobs.backup").setLevel(logging.ERROR)
 
 PYSPY = REPO / ".venv" / "bin" / "py-spy"
 RESULTS_DIR = REPO / "bench" / "results"
