@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import subprocess
+import sys
 import threading
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -17,6 +19,7 @@ from clinicbox.console.text import status_lines, when
 from clinicbox.core.config import Config
 from clinicbox.jobs import runner
 from clinicbox.jobs.runner import history, open_jobs
+from tests.support.peers import REPO
 from tests.support.synth import write_ct_series
 
 SIZE = (130, 36)
@@ -209,3 +212,12 @@ def fixed_console(tmp_path, monkeypatch):
 
 def test_snapshot_overview(fixed_console, snap_compare):
     assert snap_compare(fixed_console, terminal_size=SIZE)
+
+
+def test_a_data_dir_the_console_cannot_open_is_one_clear_line(tmp_path):
+    not_a_dir = tmp_path / "data"
+    not_a_dir.write_text("a file where the data dir should be")
+    r = subprocess.run([sys.executable, "-m", "clinicbox", "console", "--data-dir", str(not_a_dir)],
+                       capture_output=True, text=True, cwd=REPO, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"clinicbox: cannot open the data dir {not_a_dir}:") and "Traceback" not in r.stderr

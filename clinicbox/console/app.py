@@ -9,6 +9,8 @@ trigger ``console``.
 from __future__ import annotations
 
 import logging
+import sqlite3
+import sys
 import threading
 from datetime import datetime
 from typing import Callable
@@ -76,13 +78,13 @@ class ClinicBoxConsole(App):
             self.name = name
             self.run = run
 
-    def __init__(self, config: Config, *, now: Callable[[], datetime] = _local_now,
+    def __init__(self, config: Config, *, archive: Archive | None = None, now: Callable[[], datetime] = _local_now,
                  refresh_seconds: float = 5.0) -> None:
         super().__init__()
         self.config = config
         self.now = now
         self.refresh_seconds = refresh_seconds
-        self.archive: Archive | None = None
+        self.archive: Archive | None = archive
         self.running: dict[str, threading.Thread] = {}
         self._quit_when_idle = False
 
@@ -98,9 +100,8 @@ class ClinicBoxConsole(App):
 
     def on_mount(self) -> None:
         self.sub_title = str(self.config.data_dir)
-        self.archive = Archive(self.config.storage)
-        self.archive.open()
-        runner.open_jobs(self.archive)
+        if self.archive is None:
+            self.archive = open_archive(self.config)
         self.query_one("#jobs", DataTable).add_columns("Job", "Schedule", "Last run", "Outcome", "What it does")
         self.query_one("#history", DataTable).add_columns("Started", "Job", "Trigger", "Outcome", "Details")
         self.refresh_data()
@@ -207,6 +208,18 @@ class ClinicBoxConsole(App):
         self.exit()
 
 
+def open_archive(config: Config) -> Archive:
+    """The archive (and the jobs room's tables) the console reads and acts on."""
+    archive = Archive(config.storage)
+    archive.open()
+    try:
+        runner.open_jobs(archive)
+    except BaseException:
+        archive.close()
+        raise
+    return archive
+
+
 def make_console(config: Config, **kwargs) -> ClinicBoxConsole:
     """The console for ``config`` (the CLI and the tests build it here)."""
     return ClinicBoxConsole(config, **kwargs)
@@ -227,12 +240,17 @@ class _Held(logging.Handler):
 
 
 def run(config: Config) -> int:
+    try:  # before the screen is taken: a data dir this user may not open is one clear line
+        archive = open_archive(config)
+    except (OSError, sqlite3.Error) as exc:
+        print(f"clinicbox: cannot open the data dir {config.data_dir}: {exc}", file=sys.stderr)
+        return 1
     root = logging.getLogger()
     saved = root.handlers[:]
     held = _Held()
     root.handlers = [held]
     try:
-        make_console(config).run()
+        make_console(config, archive=archive).run()
     finally:
         root.handlers = saved
         for record in held.records:
