@@ -20,17 +20,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from clinicbox.archive.files import dataset_sha256
 from clinicbox.archive.ingest import Archive
 from clinicbox.core.config import BackupSettings, Config, StorageSettings
 from clinicbox.jobs import backup as bk
-from clinicbox.jobs.backup import (
-    BackupError,
-    list_backups,
-    prune,
-    restore,
-    run_backup,
-    verify_backup,
-)
+from clinicbox.jobs.backup import BackupError, list_backups, prune, run_backup
+from clinicbox.jobs.restore import restore, verify_backup
 from clinicbox.jobs.runner import history, last_ok, open_jobs, run_job
 from tests.support.peers import REPO, ClinicBox, dcmtk
 from tests.support.synth import ORG_ROOT, ct_dataset, write_ct_series
@@ -95,7 +90,7 @@ def pool_files(target: Path) -> set[str]:
 
 
 def manifest(target: Path, backup_id: str) -> dict:
-    return bk._manifest(Path(target) / bk.ROOT / "backups" / backup_id)
+    return bk.read_manifest(Path(target) / bk.ROOT / "backups" / backup_id)
 
 
 @pytest.fixture
@@ -302,7 +297,7 @@ def test_backup_while_receiving_holds_everything_acknowledged_before_it(tmp_path
     target = tmp_path / "usb"
     target.mkdir()
     batches = [write_ct_series(tmp_path / f"in{i}", 30, rows=64, cols=64, patient_id=f"LIVE{i}") for i in range(5)]
-    sent = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: bk.dataset_sha256(f)
+    sent = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: dataset_sha256(f)
             for b in batches for f in b}  # the data set part (the SCP writes its own file meta)
     box = ClinicBox(tmp_path / "data")
     box.start()
@@ -351,7 +346,7 @@ def test_backup_while_receiving_holds_everything_acknowledged_before_it(tmp_path
     live = file_hashes(box.data_dir)
     assert all(restored[uid] == live[uid] for uid in restored), "restored files equal the archive's"
     rows = index_rows(new)
-    assert all(bk.dataset_sha256(new / rows[uid]) == sent[uid] for uid in restored), "data sets equal what was sent"
+    assert all(dataset_sha256(new / rows[uid]) == sent[uid] for uid in restored), "data sets equal what was sent"
     counts = index_counts(new)
     assert counts["instances"] == b["instances"]
     assert counts["studies"] == b["studies"]
@@ -640,7 +635,7 @@ def test_a_damaged_stored_file_is_left_out_of_the_backup_not_failing_it(archive,
     r = restore(target, None, tmp_path / "restored")
     assert r["restored"] == 5  # 3 + 1 of batch a as they are, 1 carried, batch b's intact one
     restored = tmp_path / "restored"
-    assert bk.dataset_sha256(restored / old["path"]) == old["sha256"]
+    assert dataset_sha256(restored / old["path"]) == old["sha256"]
     conn = sqlite3.connect(restored / INDEX)
     try:
         rstates = dict(conn.execute("SELECT path, state FROM instances").fetchall())
@@ -653,7 +648,7 @@ def test_a_damaged_stored_file_is_left_out_of_the_backup_not_failing_it(archive,
     repair = Config(storage=archive.settings, backup=config.backup)
     scrub = run_job("scrub", repair, archive)
     assert scrub["figures"]["repaired"] == 1 and scrub["outcome"] == "problems", scrub
-    assert bk.dataset_sha256(archive.store.abspath(old["path"])) == old["sha256"]
+    assert dataset_sha256(archive.store.abspath(old["path"])) == old["sha256"]
 
 
 def test_a_target_that_lost_its_backup_folder_is_refused_as_not_mounted(archive, tmp_path):

@@ -15,6 +15,7 @@ from clinicbox.archive.ingest import Archive, StoreOutcome
 from clinicbox.archive.repair import repair
 from clinicbox.core.config import Config, ConfigError, from_mapping
 from clinicbox.jobs import backup
+from clinicbox.jobs import restore as restore_mod
 from clinicbox.orders.book import OrderBook
 from clinicbox.orders.model import NewOrder, Step
 from clinicbox.reconcile.match import person_key
@@ -223,14 +224,14 @@ def test_held_objects_are_backed_up_restored_and_not_indexed_by_repair(tmp_path)
         target.mkdir()
         result = backup.run_backup(r.config.data_dir, target)
         assert result.instances == 2
-        assert backup.verify_backup(target)["ok"]
+        assert restore_mod.verify_backup(target)["ok"]
         report = repair(r.archive)                      # start-up repair: the held file is not an orphan
         assert report.indexed == 0 and report.quarantined == []
         assert r.archive.index.counts()["instances"] == 1
     finally:
         r.close()
     restored = tmp_path / "restored"
-    backup.restore(target, None, restored)
+    restore_mod.restore(target, None, restored)
     r2 = Archive(_config(tmp_path / "x", storage={"data_dir": str(restored)}).storage)
     r2.open()
     try:

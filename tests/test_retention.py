@@ -179,6 +179,7 @@ def test_backups_never_lose_an_older_copy(box, tmp_path):
     """A UID stored again with other content after its deletion, and a file the scrub found damaged:
     older backups stay restorable, and pruning keeps the last intact copy of the damaged file."""
     from clinicbox.jobs import backup as bk
+    from clinicbox.jobs import restore as rs
 
     config, archive, uids = box
     target = tmp_path / "target"
@@ -198,9 +199,9 @@ def test_backups_never_lose_an_older_copy(box, tmp_path):
     new_sha = archive.index.instance(row["sop_instance_uid"])["sha256"]
     assert (target / bk.ROOT / f"{row['path']}.{new_sha[:16]}").is_file()  # beside the old copy, not over it
     assert bk.dataset_sha256(target / bk.ROOT / row["path"]) == row["sha256"]
-    assert bk.verify_backup(target, first.backup_id)["ok"] and bk.verify_backup(target, second.backup_id)["ok"]
-    r1 = bk.restore(target, first.backup_id, tmp_path / "r1")
-    r2 = bk.restore(target, second.backup_id, tmp_path / "r2")
+    assert rs.verify_backup(target, first.backup_id)["ok"] and rs.verify_backup(target, second.backup_id)["ok"]
+    r1 = rs.restore(target, first.backup_id, tmp_path / "r1")
+    r2 = rs.restore(target, second.backup_id, tmp_path / "r2")
     assert r1["restored"] and r2["restored"]
     assert pydicom.dcmread(tmp_path / "r1" / row["path"]).get("StudyDescription") != "stored again, other content"
     assert pydicom.dcmread(tmp_path / "r2" / row["path"]).StudyDescription == "stored again, other content"
@@ -214,7 +215,7 @@ def test_backups_never_lose_an_older_copy(box, tmp_path):
     assert run_job("scrub", no_repair, archive)["figures"]["damaged"] == 1
     for _ in range(3):
         bk.run_backup(config.data_dir, target, keep=1)
-    assert len(bk.list_backups(target)) == 1 and bk.verify_backup(target)["ok"]
+    assert len(bk.list_backups(target)) == 1 and rs.verify_backup(target)["ok"]
     assert run_job("scrub", config, archive)["figures"]["repaired"] == 1
 
 

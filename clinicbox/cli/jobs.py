@@ -188,7 +188,8 @@ def cmd_backup_list(args, config: cfg.Config) -> int:
 
 
 def cmd_backup_verify(args, config: cfg.Config) -> int:
-    from clinicbox.jobs.backup import BackupError, verify_backup
+    from clinicbox.jobs.backup import BackupError
+    from clinicbox.jobs.restore import verify_backup
 
     try:
         result = verify_backup(_backup_target(config, args.to), args.id)
@@ -200,7 +201,8 @@ def cmd_backup_verify(args, config: cfg.Config) -> int:
 
 
 def cmd_restore(args, config: cfg.Config) -> int:
-    from clinicbox.jobs.backup import BackupError, restore
+    from clinicbox.jobs.backup import BackupError
+    from clinicbox.jobs.restore import restore
 
     if not args.data_dir:
         print("clinicbox: restore needs --data-dir NEW (a new, empty folder)", file=sys.stderr)

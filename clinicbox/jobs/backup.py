@@ -1,4 +1,4 @@
-"""Backup, verify and restore of a data dir, while the service keeps receiving.
+"""Backup of a data dir while the service keeps receiving (checking and restoring: ``jobs/restore.py``).
 
 Layout under the target folder (a mounted USB disk or NAS share)::
 
@@ -45,14 +45,14 @@ log = logging.getLogger(__name__)
 
 
 
-def _has_held(conn: sqlite3.Connection) -> bool:
+def has_held(conn: sqlite3.Connection) -> bool:
     return conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'held_objects'").fetchone() is not None
 
 
-def _objects_sql(conn: sqlite3.Connection, columns: str = "path, size, sha256", where: str = "state = 'ok'") -> str:
+def objects_sql(conn: sqlite3.Connection, columns: str = "path, size, sha256", where: str = "state = 'ok'") -> str:
     """The stored objects of an index: its instances and (since archive migration 0005) held objects."""
     sql = f"SELECT {columns} FROM instances WHERE {where}"
-    if _has_held(conn):
+    if has_held(conn):
         sql += f" UNION ALL SELECT {columns} FROM held_objects WHERE {where}"
     return sql
 
@@ -94,7 +94,7 @@ class BackupResult:
         return figures
 
 
-def _root(target: Path) -> Path:
+def backup_root(target: Path) -> Path:
     return Path(target) / ROOT
 
 
@@ -109,7 +109,7 @@ def _check_target(target: Path) -> None:
 def list_backups(target: Path) -> list[dict]:
     """Finished backups (with a manifest), oldest first."""
     out = []
-    base = _root(target) / "backups"
+    base = backup_root(target) / "backups"
     if not base.is_dir():
         return out
     for d in sorted(base.iterdir()):
@@ -133,7 +133,7 @@ def _snapshot(db_path: Path, dest: Path) -> None:
         conn.close()
 
 
-def _file_digest_copy(src: Path, dest: Path) -> tuple[str, int]:
+def digest_copy(src: Path, dest: Path) -> tuple[str, int]:
     """Copy ``src`` to ``dest`` hashing the data set part; (sha256, size).
 
     Written straight to its name: a copy cut short is in no manifest, so the next backup copies it
@@ -216,9 +216,9 @@ def _seen_targets(data_dir: Path) -> list[str]:
 def _check_mounted(data_dir: Path, target: Path) -> None:
     """A target that has held this archive's backups but lost its backup folder is most likely a disk
     that is not mounted (its empty mount point is there): refuse rather than fill the system disk."""
-    if not _root(target).is_dir() and str(Path(target).resolve()) in _seen_targets(data_dir):
+    if not backup_root(target).is_dir() and str(Path(target).resolve()) in _seen_targets(data_dir):
         raise BackupError(f"backup target {target} has held this archive's backups but has no {ROOT} folder now: "
-                          f"is the backup disk mounted? (a new, empty disk: create {_root(target)} first)")
+                          f"is the backup disk mounted? (a new, empty disk: create {backup_root(target)} first)")
 
 
 def _remember_target(data_dir: Path, target: Path) -> None:
@@ -237,7 +237,7 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
     if os.stat(target).st_dev == os.stat(data_dir).st_dev:
         log.warning("backup target %s is on the same disk as the data dir: it will not survive that disk's failure",
                     target)
-    root = _root(target)
+    root = backup_root(target)
     backup_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     bdir = root / "backups" / backup_id
     pool = root / "objects"
@@ -257,7 +257,7 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
     snap = sqlite3.connect(bdir / INDEX_FILE)
     try:
         # held objects (waiting in the reconciliation queue) are as much the clinic's as indexed ones
-        rows = snap.execute(_objects_sql(snap) + " ORDER BY path").fetchall()
+        rows = snap.execute(objects_sql(snap) + " ORDER BY path").fetchall()
         counts = {t: snap.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
                   for t in ("patients", "studies", "series", "instances")}
     finally:
@@ -297,7 +297,7 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
             return relpath, "the pool holds other content under both of its names", 0, None, False
         tmp = dest.with_name(dest.name + ".part")
         try:
-            digest, nbytes = _file_digest_copy(data_dir / relpath, tmp)
+            digest, nbytes = digest_copy(data_dir / relpath, tmp)
         except FileNotFoundError:
             tmp.unlink(missing_ok=True)
             return relpath, SOURCE_MISSING, 0, None, False
@@ -343,7 +343,7 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
         # no longer part of the archive, so not part of this backup either
         live = sqlite3.connect(f"file:{data_dir / INDEX_FILE}?mode=ro", uri=True, timeout=60)
         try:
-            still_sql = _objects_sql(live, "1", "path = ?")
+            still_sql = objects_sql(live, "1", "path = ?")
             still = {p for p in gone if live.execute(still_sql, (p,) * still_sql.count("?")).fetchone()}
         finally:
             live.close()
@@ -361,7 +361,7 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
                         row = snap.execute("SELECT sop_instance_uid FROM instances WHERE path=?", (p,)).fetchone()
                         if row:
                             delete_instance(snap, row[0])
-                        if _has_held(snap):
+                        if has_held(snap):
                             snap.execute("DELETE FROM held_objects WHERE path=?", (p,))
                     counts = {t: snap.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
                               for t in ("patients", "studies", "series", "instances")}
@@ -397,7 +397,7 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
         snap = sqlite3.connect(bdir / INDEX_FILE)
         try:
             with snap:
-                for table in ("instances", "held_objects") if _has_held(snap) else ("instances",):
+                for table in ("instances", "held_objects") if has_held(snap) else ("instances",):
                     snap.executemany(f"UPDATE {table} SET state=? WHERE path=? AND sha256=?",
                                      [(state, p, h) for p, h, state in at_source])
         finally:
@@ -417,7 +417,7 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
     # named (else pruning would delete the last good copy before the scrub can repair from it)
     snap = sqlite3.connect(bdir / INDEX_FILE)
     try:
-        unhealthy = snap.execute(_objects_sql(snap, "path, sha256, state", "state != 'ok'")).fetchall()
+        unhealthy = snap.execute(objects_sql(snap, "path, sha256, state", "state != 'ok'")).fetchall()
     finally:
         snap.close()
     for relpath, sha, state in unhealthy:
@@ -448,7 +448,7 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def _manifest(bdir: Path) -> dict:
+def read_manifest(bdir: Path) -> dict:
     """A backup's manifest with its object list (kept apart, so listing backups reads little)."""
     manifest = json.loads((bdir / MANIFEST).read_text())
     if "objects" not in manifest:
@@ -460,7 +460,7 @@ def _latest_manifest_objects(root: Path) -> dict[str, dict]:
     backups = list_backups(root.parent)
     if not backups:
         return {}
-    return {o["path"]: o for o in _manifest(Path(backups[-1]["path"]))["objects"]}
+    return {o["path"]: o for o in read_manifest(Path(backups[-1]["path"]))["objects"]}
 
 
 def pool_file(root: Path, entry: dict) -> Path:
@@ -471,7 +471,7 @@ def pool_file(root: Path, entry: dict) -> Path:
 def prune(target: Path, keep: int, sweep: bool = True) -> list[str]:
     """Remove finished backups beyond the newest ``keep``, unfinished ones, and (``sweep``, or when a
     backup was removed) pool files no kept backup names."""
-    root = _root(target)
+    root = backup_root(target)
     base = root / "backups"
     finished = list_backups(target)
     removed = []
@@ -488,7 +488,7 @@ def prune(target: Path, keep: int, sweep: bool = True) -> list[str]:
         return removed
     referenced = set()
     for path in kept:
-        referenced.update(o.get("pool", o["path"]) for o in _manifest(Path(path))["objects"])
+        referenced.update(o.get("pool", o["path"]) for o in read_manifest(Path(path))["objects"])
     for relpath in _PoolListing(root / "objects").all():
         if relpath not in referenced:
             (root / relpath).unlink(missing_ok=True)
@@ -509,126 +509,3 @@ def find_backup(target: Path, backup: str | None) -> Path:
     if matches:
         return Path(matches[0]["path"])
     raise BackupError(f"no backup {backup!r} in {target} (clinicbox backup list)")
-
-
-def verify_backup(target: Path, backup: str | None = None) -> dict:
-    """Check a backup: its index snapshot is sound and every object is present with its checksum."""
-    bdir = find_backup(target, backup)
-    manifest = _manifest(bdir)
-    root = _root(target)
-    conn = sqlite3.connect(f"file:{bdir / INDEX_FILE}?mode=ro", uri=True)
-    try:
-        check = conn.execute("PRAGMA integrity_check").fetchone()[0]
-        n = conn.execute(f"SELECT count(*) FROM ({_objects_sql(conn)})").fetchone()[0]
-    finally:
-        conn.close()
-    problems = []
-    if check != "ok":
-        problems.append(f"index snapshot: {check}")
-    listed = [o for o in manifest["objects"] if "carried" not in o]
-    if n != len(listed):
-        problems.append(f"index snapshot has {n} instances, the manifest {len(listed)}")
-    for o in manifest["objects"]:
-        f = pool_file(root, o)
-        try:
-            if dataset_sha256(f) != o["sha256"]:
-                problems.append(f"{o['path']}: checksum differs")
-        except FileNotFoundError:
-            problems.append(f"{o['path']}: missing")
-        except (OSError, InvalidObject) as exc:
-            problems.append(f"{o['path']}: unreadable ({exc})")
-    return {"backup": manifest["id"], "instances": len(manifest["objects"]), "ok": not problems,
-            "problems": problems[:50], "problem_count": len(problems)}
-
-
-def restore(target: Path, backup: str | None, new_data_dir: Path) -> dict:
-    """Rebuild a working data dir from a backup (the folder must not exist or be empty)."""
-    bdir = find_backup(target, backup)
-    manifest = _manifest(bdir)
-    new = Path(new_data_dir)
-    if new.exists() and any(new.iterdir()):
-        raise BackupError(f"{new} is not empty: restore into a new folder")
-    root = _root(target)
-    started = time.monotonic()
-    (new / "objects").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(bdir / INDEX_FILE, new / INDEX_FILE)
-    bad, carried = [], []
-    for o in manifest["objects"]:
-        dest = new / o["path"]
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            digest, _n = _file_digest_copy(pool_file(root, o), dest)
-        except (OSError, InvalidObject) as exc:
-            dest.unlink(missing_ok=True)
-            bad.append((o["path"], o["sha256"], str(exc)))
-            continue
-        if digest != o["sha256"]:
-            dest.unlink(missing_ok=True)
-            bad.append((o["path"], o["sha256"], "checksum differs"))
-        elif "carried" in o:
-            carried.append((o["path"], o["sha256"]))
-    if carried:
-        # damaged or missing when the backup was made, and an intact earlier copy restored in their place
-        conn = sqlite3.connect(new / INDEX_FILE)
-        try:
-            with conn:
-                for table in ("instances", "held_objects") if _has_held(conn) else ("instances",):
-                    conn.executemany(f"UPDATE {table} SET state='ok' WHERE path=? AND sha256=?", carried)
-        finally:
-            conn.close()
-    if bad:
-        # the restored archive says which objects it lacks (the scrub reports them, status counts them)
-        # rather than pointing at files that are not there or not what was stored
-        conn = sqlite3.connect(new / INDEX_FILE)
-        try:
-            with conn:
-                for table in ("instances", "held_objects") if _has_held(conn) else ("instances",):
-                    conn.executemany(f"UPDATE {table} SET state='missing' WHERE path=? AND sha256=?",
-                                     [(p, h) for p, h, _e in bad])
-        finally:
-            conn.close()
-    os.sync()
-    result = {"backup": manifest["id"], "data_dir": str(new), "instances": len(manifest["objects"]),
-              "restored": len(manifest["objects"]) - len(bad), "problems": [f"{p}: {e}" for p, _h, e in bad[:50]],
-              "seconds": round(time.monotonic() - started, 3)}
-    if bad:
-        raise BackupError(f"restore of {manifest['id']} into {new}: {len(bad)} object(s) could not be restored "
-                          f"(marked missing there), e.g. {bad[0][0]}: {bad[0][2]}")
-    return result
-
-
-def restore_test(data_dir: Path, target: Path, scratch: Path | None = None) -> dict:
-    """Restore the latest backup into a scratch folder on the backup target, check it against its
-    manifest, remove it."""
-    bdir = find_backup(target, None)
-    manifest = _manifest(bdir)
-    # on the backup disk, not the data disk: a full restore there could push the live archive
-    # below its free-space guard (stores refused) or fill it
-    scratch = Path(scratch or _root(target) / "restore-test")
-    st = os.statvfs(scratch.parent if scratch.parent.exists() else _root(target))
-    need = sum(o.get("size", 0) for o in manifest["objects"]) + (bdir / INDEX_FILE).stat().st_size
-    if st.f_bavail * st.f_frsize < need * 1.1:
-        raise BackupError(f"not enough free space on {scratch.parent} for the restore test "
-                          f"({need / 1e6:.0f} MB needed)")
-    if scratch.exists():
-        shutil.rmtree(scratch)
-    try:
-        result = restore(target, manifest["id"], scratch)
-        conn = sqlite3.connect(scratch / INDEX_FILE)
-        try:
-            check = conn.execute("PRAGMA integrity_check").fetchone()[0]
-            counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                      for t in ("patients", "studies", "series", "instances")}
-        finally:
-            conn.close()
-        if check != "ok":
-            raise BackupError(f"the restored index is not sound: {check}")
-        expected = {t: manifest[t] for t in counts}
-        if counts != expected:
-            raise BackupError(f"restored counts {counts} differ from the manifest's {expected}")
-        for o in manifest["objects"]:
-            if dataset_sha256(scratch / o["path"]) != o["sha256"]:
-                raise BackupError(f"restored {o['path']}: checksum differs")
-        return {"backup": manifest["id"], "verified": True, **counts, "seconds": result["seconds"]}
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)

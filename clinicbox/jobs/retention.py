@@ -61,7 +61,7 @@ def _verified_backup_objects(config: Config, conn: sqlite3.Connection) -> dict[s
     backup_id = json.loads(row[0] or "{}").get("backup")
     try:
         bdir = backup.find_backup(Path(config.backup.target), backup_id)
-        manifest = backup._manifest(bdir)
+        manifest = backup.read_manifest(bdir)
     except (backup.BackupError, OSError, ValueError):
         return None
     return {o["path"]: o["sha256"] for o in manifest["objects"]}

@@ -106,7 +106,9 @@ def _backup(config: Config, archive: Archive) -> dict:
 
 
 def _restore_test(config: Config, archive: Archive) -> dict:
-    return backup.restore_test(config.data_dir, _target(config))
+    from clinicbox.jobs.restore import restore_test
+
+    return restore_test(config.data_dir, _target(config))
 
 
 def _scrub(config: Config, archive: Archive) -> dict:
