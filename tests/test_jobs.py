@@ -402,7 +402,9 @@ def test_backup_killed_midway_leaves_no_listed_backup_and_the_next_one_works(tmp
 
     runs = json.loads(run_cli("jobs", "history", "--json", "--config", config, "--data-dir", data,
                               check=True).stdout)
-    assert runs[0]["outcome"] == "ok"  # the killed run stays 'running' (its process is gone)
+    assert runs[0]["outcome"] == "ok"
+    # the killed run was marked when the next process opened the jobs room: not left 'running' forever
+    assert (runs[1]["outcome"], runs[1]["error"]) == ("failed", "interrupted (the process ended mid-run)"), runs
 
     new = tmp_path / "restored"
     r = run_cli("restore", "latest", "--from", target, "--data-dir", new)
