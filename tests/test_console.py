@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import subprocess
 import sys
@@ -123,9 +124,7 @@ async def test_a_failed_restore_test_is_shown_even_after_an_earlier_success(tmp_
         assert level == "error" and "checksum" in text
 
 
-@pilot_test
-async def test_quit_while_a_job_runs_waits_for_it(tmp_path, monkeypatch):
-    config = make_config(tmp_path)
+def _slow_scrub(monkeypatch):
     release, started = threading.Event(), threading.Event()
 
     def slow(config, archive):
@@ -134,23 +133,73 @@ async def test_quit_while_a_job_runs_waits_for_it(tmp_path, monkeypatch):
         return {"checked": 0}
 
     monkeypatch.setitem(runner.JOBS, "scrub", runner.Job("scrub", "test job", slow))
+    return release, started
+
+
+SCRUB_ROW = list(runner.JOBS).index("scrub")
+
+
+def _outcome_cell(app, row: int) -> str:
+    return str(app.query_one("#jobs").get_row_at(row)[3])
+
+
+async def until_closed(pilot, app, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while app.is_running:
+        assert loop.time() < end, "the console did not close"
+        await pilot.pause(0.05)
+
+
+@pilot_test
+async def test_quit_while_a_job_runs_waits_for_it(tmp_path, monkeypatch):
+    config = make_config(tmp_path)
+    release, started = _slow_scrub(monkeypatch)
     app = make_console(config, refresh_seconds=0)
     async with app.run_test(size=SIZE) as pilot:
-        for _ in range(list(runner.JOBS).index("scrub")):
+        for _ in range(SCRUB_ROW):
             await pilot.press("down")
         await pilot.press("r")
         assert await asyncio.to_thread(started.wait, 10)
         await pilot.press("r")  # a second press does not start a second run
+        await pilot.press("f5")
+        assert _outcome_cell(app, SCRUB_ROW) == "running…"
         await pilot.press("q")
         await pilot.pause(0.2)
         assert app.is_running and "scrub" in app.running
-        assert str(app.query_one("#jobs").get_row_at(list(runner.JOBS).index("scrub"))[3]) == "running…"
         release.set()
         await until_idle(pilot, app)
-        await pilot.pause(0.2)
-        assert not app.is_running  # closed by itself once the run ended
+        await until_closed(pilot, app)  # closed by itself once the run ended
     runs = [(r["job"], r["trigger"], r["outcome"]) for r in _history(config)]
     assert runs == [("scrub", "console", "ok")]
+
+
+@pilot_test
+async def test_a_job_waiting_for_another_shows_waiting_and_quit_twice_closes(tmp_path, monkeypatch):
+    config = make_config(tmp_path)
+    release, started = _slow_scrub(monkeypatch)
+    app = make_console(config, refresh_seconds=0)
+    async with app.run_test(size=SIZE) as pilot:
+        other = open(app.config.data_dir / "jobs.lock", "a")
+        fcntl.flock(other, fcntl.LOCK_EX)  # another process's job is running
+        try:
+            for _ in range(SCRUB_ROW):
+                await pilot.press("down")
+            await pilot.press("r")
+            await pilot.pause(0.3)
+            await pilot.press("f5")
+            assert _outcome_cell(app, SCRUB_ROW) == "waiting…" and not started.is_set()
+            await pilot.press("q", "q")  # the second q closes now; the run goes on in its thread
+            await until_closed(pilot, app)
+        finally:
+            fcntl.flock(other, fcntl.LOCK_UN)
+            other.close()
+    assert await asyncio.to_thread(started.wait, 10)
+    release.set()
+    for thread in list(app.running.values()):
+        await asyncio.to_thread(thread.join, 10)
+    app.archive.close()
+    assert [(r["job"], r["outcome"]) for r in _history(config)] == [("scrub", "ok")]
 
 
 def _history(config: Config) -> list[dict]:

@@ -653,11 +653,10 @@ def test_a_damaged_stored_file_is_left_out_of_the_backup_not_failing_it(archive,
     assert dataset_sha256(archive.store.abspath(old["path"])) == old["sha256"]
 
 
-def test_a_target_that_lost_its_backup_folder_is_refused_as_not_mounted(archive, tmp_path):
+def test_a_target_that_lost_its_backup_folder_is_refused_as_not_mounted(archive, tmp_path, small_fs):
     """An unplugged USB disk leaves its empty mount point: backing up there would fill the system disk."""
     store_series(archive, tmp_path / "src", 2)
-    mount_point = tmp_path / "usb"
-    mount_point.mkdir()
+    mount_point = small_fs  # another file system, as a USB disk is
     run_backup(archive.store.root, mount_point)
     shutil.rmtree(mount_point / bk.ROOT)  # what an unmounted disk looks like from here
     with pytest.raises(BackupError, match="is the backup disk mounted") as exc:
@@ -666,6 +665,17 @@ def test_a_target_that_lost_its_backup_folder_is_refused_as_not_mounted(archive,
     assert list(mount_point.iterdir()) == []
     (mount_point / bk.ROOT).mkdir()  # a new, empty disk: staff create the folder, as the message says
     assert run_backup(archive.store.root, mount_point).copied == 2
+
+
+def test_a_target_on_the_data_disk_is_not_taken_for_the_disk_to_expect(archive, tmp_path):
+    """A first backup made while the USB disk was not mounted went to the mount point on the system disk;
+    once the disk is mounted there, backups must not be refused as "not mounted"."""
+    store_series(archive, tmp_path / "src", 1)
+    mount_point = tmp_path / "usb"
+    mount_point.mkdir()
+    run_backup(archive.store.root, mount_point)  # on the data's own disk: warned, not remembered
+    shutil.rmtree(mount_point / bk.ROOT)  # the real disk mounted over it: no clinicbox-backup folder yet
+    assert run_backup(archive.store.root, mount_point).copied == 1
 
 
 def test_a_full_target_fails_clearly_and_leaves_no_partial_copies(archive, tmp_path, small_fs):
@@ -780,3 +790,70 @@ def test_the_scheduler_never_overlaps_a_slow_job_and_records_dropped_fires(archi
         assert s2 >= e1, f"overlapping runs: {spans}"
     skipped = [r for r in runs if r["outcome"] == "skipped"]
     assert skipped and all(r["error"] == "the previous run is still going" for r in skipped), runs
+
+
+def test_a_run_waiting_for_another_job_gives_up_when_the_service_stops(archive, tmp_path):
+    from clinicbox.core.config import JobsSettings
+    from clinicbox.jobs.scheduler import Scheduler
+
+    config = Config(storage=archive.settings, jobs=JobsSettings(backup="", restore_test="", retention="",
+                                                                scrub="*/1 * * * * *"))
+    with open(archive.store.root / "jobs.lock", "a") as other_job:  # e.g. the console's long backup
+        fcntl.flock(other_job, fcntl.LOCK_EX)
+        sched = Scheduler(config, archive)
+        sched.start()
+        time.sleep(1.5)
+        stopping = threading.Thread(target=sched.stop, daemon=True)
+        stopping.start()
+        stopping.join(5)
+        hung = stopping.is_alive()
+    stopping.join(30)  # the lock is released now: a hung stop ends, so the test fails instead of hanging
+    assert not hung, "serve would hang on SIGTERM while another process's job runs"
+    runs = history(archive, "scrub")
+    assert runs and all(r["outcome"] == "skipped" for r in runs), runs
+    assert "the service stopped while another job ran" in {r["error"] for r in runs}
+
+
+def test_an_instance_deleted_and_sent_again_with_other_content_during_a_backup_is_no_problem(archive, tmp_path,
+                                                                                          monkeypatch):
+    """Deleted after the snapshot (retention, reconciliation) and received again under the same file name
+    with other content: the copy no longer matches the snapshot's checksum, but the file is not damaged;
+    the backup takes a new snapshot instead of reporting it."""
+    target = tmp_path / "usb"
+    target.mkdir()
+    study, series = pydicom.uid.generate_uid(prefix=ORG_ROOT), pydicom.uid.generate_uid(prefix=ORG_ROOT)
+    ds = ct_dataset(study, series, 1, rows=16, cols=16, patient_id="AGAIN1", seed=3)
+    v1, v2 = tmp_path / "v1.dcm", tmp_path / "v2.dcm"
+    ds.save_as(v1, enforce_file_format=True)
+    archive.store_file(v1)
+    ds.StudyDescription = "sent again, other content"
+    ds.save_as(v2, enforce_file_format=True)
+    path = archive.index.instance(ds.SOPInstanceUID)["path"]
+    real_snapshot, calls = bk._snapshot, []
+
+    def snapshot_then_delete_and_resend(db_path, dest):
+        real_snapshot(db_path, dest)
+        if not calls:
+            calls.append(1)
+            archive.delete_study(study)
+            archive.store_file(v2)
+            assert archive.index.instance(ds.SOPInstanceUID)["path"] == path  # same name, new bytes
+
+    monkeypatch.setattr(bk, "_snapshot", snapshot_then_delete_and_resend)
+    config = Config(storage=archive.settings, backup=BackupSettings(target=str(target)))
+    run = run_job("backup", config, archive)
+    assert run["outcome"] == "ok", run
+    assert archive.index.instance(ds.SOPInstanceUID)["state"] == "ok"
+    assert verify_backup(target)["ok"]
+
+
+def test_a_failed_backup_stays_visible_behind_a_skipped_run(archive, tmp_path):
+    from clinicbox.jobs.runner import overview
+
+    no_target = Config(storage=archive.settings)
+    assert run_job("backup", no_target, archive)["outcome"] == "failed"
+    with open(archive.store.root / "job-backup.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert run_job("backup", no_target, archive)["outcome"] == "skipped"
+    status = overview(no_target, archive)
+    assert status["backup_failed"] and "no backup target" in status["backup_failed"]["error"]

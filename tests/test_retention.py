@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from datetime import date
 
 import pydicom
@@ -379,3 +380,37 @@ def test_a_study_without_a_birth_date_is_kept_unless_told_the_patient_is_an_adul
     with pytest.raises(cfg.ConfigError) as exc:
         make(without_birth_date="child")
     assert exc.value.key == "retention.without_birth_date"
+
+
+def test_a_service_starting_during_retention_does_not_index_the_files_being_deleted(bare, tmp_path, monkeypatch):
+    """Start-up repair indexes files it finds without a row; between retention's commit and its unlinks
+    those are exactly the files being deleted: it must leave objects/ alone while a job runs."""
+    from clinicbox.archive.repair import repair
+
+    make, archive = bare
+    _store(archive, tmp_path, "old", "Q1", "19600101", "20100101", "US", n=2)
+    committed, go_on = threading.Event(), threading.Event()
+    real_lock = archive._uid_lock
+
+    def pause_before_unlinks(uid):
+        committed.set()
+        assert go_on.wait(30)
+        return real_lock(uid)
+
+    monkeypatch.setattr(archive, "_uid_lock", pause_before_unlinks)
+    done = {}
+    t = threading.Thread(target=lambda: done.setdefault("run", run_job("retention", make(), archive)))
+    t.start()
+    assert committed.wait(30)
+    starting = Archive(make().storage)  # the service, started meanwhile
+    starting.open()
+    try:
+        report = repair(starting)
+    finally:
+        starting.close()
+    go_on.set()
+    t.join(30)
+    assert report.indexed == 0, report
+    assert done["run"]["outcome"] == "ok" and done["run"]["figures"]["deleted_instances"] == 2
+    assert archive.index.counts()["instances"] == 0
+    assert not list(archive.store.iter_objects())

@@ -124,7 +124,8 @@ class Archive:
 
     @contextmanager
     def importing(self):
-        """Held (shared) by ``clinicbox import`` for its whole run; start-up repair needs it alone."""
+        """Held (shared) by ``clinicbox import``, by job runs and by releases from the reconciliation queue
+        for their whole run; start-up repair needs it alone (else it would take their files for orphans)."""
         with open(self.store.root / REPAIR_LOCK, "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_SH)
             yield
@@ -381,7 +382,8 @@ class Archive:
             if self.index.conn.execute(f"SELECT 1 FROM {table} WHERE id=? AND path=? AND sha256=?",
                                        (row_id, relpath, sha256)).fetchone() is None:
                 return False
-            fd, tmp = self.store.new_incoming(prefix="repair-")
+            # named like an import's temporary file: start-up repair leaves a live process's files alone
+            fd, tmp = self.store.new_incoming(prefix=f"{IMPORT_PREFIX}{os.getpid()}-repair-")
             try:
                 with os.fdopen(fd, "wb") as out, open(source, "rb") as fin:
                     shutil.copyfileobj(fin, out, 1 << 20)

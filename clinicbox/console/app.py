@@ -31,7 +31,8 @@ from clinicbox.console.text import run_details, status_lines, when
 log = logging.getLogger(__name__)
 
 _STYLE = {"ok": "", "warning": "bold yellow", "error": "bold red"}
-_OUTCOME_STYLE = {"ok": "green", "failed": "bold red", "skipped": "yellow", "running": "cyan", "warning": "yellow"}
+_OUTCOME_STYLE = {"ok": "green", "failed": "bold red", "problems": "bold yellow", "skipped": "yellow",
+                  "running": "cyan", "waiting": "cyan"}
 
 
 def _local_now() -> datetime:
@@ -87,6 +88,7 @@ class ClinicBoxConsole(App):
         self.archive: Archive | None = archive
         self.running: dict[str, threading.Thread] = {}
         self._quit_when_idle = False
+        self._quit_asked = False
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -110,9 +112,8 @@ class ClinicBoxConsole(App):
             self.set_interval(self.refresh_seconds, self.refresh_data)
 
     def on_unmount(self) -> None:
-        for thread in list(self.running.values()):
-            thread.join()  # only when quit was forced (ctrl+c): a run is never cut off by the console
-        if self.archive is not None:
+        # a run still going (quit pressed twice) keeps the archive: run() waits for it, then closes it
+        if self.archive is not None and not self.running:
             self.archive.close()
             self.archive = None
 
@@ -129,7 +130,9 @@ class ClinicBoxConsole(App):
         for row in runner.jobs_table(self.config, self.archive):
             last = row["last"]
             if row["job"] in self.running:
-                outcome = Text("running…", style=_OUTCOME_STYLE["running"])
+                # its run is recorded once it has the jobs' lock: until then it waits for another job
+                state = "running" if last and last["outcome"] == "running" else "waiting"
+                outcome = Text(f"{state}…", style=_OUTCOME_STYLE[state])
             elif last:
                 outcome = Text(last["outcome"], style=_OUTCOME_STYLE.get(last["outcome"], ""))
             else:
@@ -190,6 +193,8 @@ class ClinicBoxConsole(App):
         detail = run_details(run)
         if run["outcome"] == "ok":
             self.notify(f"{message.name} done" + (f": {detail}" if detail else ""), timeout=8)
+        elif run["outcome"] == "problems":
+            self.notify(f"{message.name} done, with problems: {detail}", severity="warning", timeout=30)
         elif run["outcome"] == "skipped":
             self.notify(f"{message.name} not started: {run.get('error') or 'already running'}", severity="warning")
         else:
@@ -199,11 +204,11 @@ class ClinicBoxConsole(App):
             self.exit()
 
     async def action_quit(self) -> None:
-        if self.running:
+        if self.running and not self._quit_asked:
             names = ", ".join(self.running)
-            self._quit_when_idle = True
-            self.notify(f"{names} still running: the console closes when it ends", severity="warning",
-                        timeout=30)
+            self._quit_when_idle = self._quit_asked = True
+            self.notify(f"{names} still running: the console closes when it ends (q again: close now, the run "
+                        "goes on and the command returns when it ends)", severity="warning", timeout=30)
             return
         self.exit()
 
@@ -249,10 +254,16 @@ def run(config: Config) -> int:
     saved = root.handlers[:]
     held = _Held()
     root.handlers = [held]
+    app = make_console(config, archive=archive)
     try:
-        make_console(config, archive=archive).run()
+        app.run()
     finally:
         root.handlers = saved
         for record in held.records:
             root.handle(record)
+    for name, thread in list(app.running.items()):
+        print(f"clinicbox: waiting for the {name} run to end (it is recorded in jobs history)", file=sys.stderr)
+        thread.join()
+    if app.archive is not None:
+        app.archive.close()
     return 0

@@ -16,7 +16,10 @@ Layout under the target folder (a mounted USB disk or NAS share)::
 
 Every instance acknowledged before the snapshot is in the backup: the snapshot is taken first, and
 its rows name the files to copy.  Each copied file's data set is hashed on the way and compared with
-the index; a mismatch fails the backup (the original is damaged: the integrity job says which).
+the index; a file that no longer matches (damaged) or has vanished, while the live index still names
+it as it was, is left out and flagged: the run ends with ``problems`` and the scrub repairs it from
+an earlier backup.  One that was replaced or deleted since the snapshot makes the backup start over
+from a new snapshot, once.
 One ``sync`` before the manifest makes the copies durable (an fsync per file costs more than the
 copy).  Old backups beyond ``backup.keep`` are pruned, then pool files no kept backup names.
 """
@@ -234,7 +237,8 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
     data_dir = Path(data_dir)
     _check_target(target)
     _check_mounted(data_dir, target)
-    if os.stat(target).st_dev == os.stat(data_dir).st_dev:
+    same_disk = os.stat(target).st_dev == os.stat(data_dir).st_dev
+    if same_disk:
         log.warning("backup target %s is on the same disk as the data dir: it will not survive that disk's failure",
                     target)
     root = backup_root(target)
@@ -337,17 +341,20 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
             else:
                 result.copied += 1
                 result.copied_bytes += nbytes
-    gone = [p for p, e in errors if e == SOURCE_MISSING]
-    if gone:
-        # replaced or deleted after the snapshot (a re-send under duplicate_policy = replace, retention):
-        # no longer part of the archive, so not part of this backup either
+    failed_here = [p for p, e in errors if e in (SOURCE_MISSING, SOURCE_DAMAGED) or e.startswith(SOURCE_UNREADABLE)]
+    if failed_here:
+        # replaced or deleted after the snapshot (a re-send under duplicate_policy = replace, retention, a
+        # release from the reconciliation queue): no longer part of the archive in this version, so not
+        # part of this backup either; only what the live index still names as it was is damaged
+        sha_of = {r[0]: r[2] for r in rows}
         live = sqlite3.connect(f"file:{data_dir / INDEX_FILE}?mode=ro", uri=True, timeout=60)
         try:
-            still_sql = objects_sql(live, "1", "path = ?")
-            still = {p for p in gone if live.execute(still_sql, (p,) * still_sql.count("?")).fetchone()}
+            still_sql = objects_sql(live, "1", "path = ? AND sha256 = ?")
+            n = still_sql.count("?") // 2
+            still = {p for p in failed_here if live.execute(still_sql, (p, sha_of[p]) * n).fetchone()}
         finally:
             live.close()
-        dropped = set(gone) - still
+        dropped = set(failed_here) - still
         if dropped and not moved_ok:
             shutil.rmtree(bdir, ignore_errors=True)
             raise _Moved(f"{len(dropped)} object(s) moved to a new file since the snapshot")
@@ -431,7 +438,8 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
                 "seconds": round(time.monotonic() - started, 3), "objects_file": OBJECTS}
     _write_json(bdir / MANIFEST, manifest)  # last: from now on the backup exists
     fsync_dir(bdir)
-    _remember_target(data_dir, target)
+    if not same_disk:  # a folder on the data's own disk may be an empty mount point: not the disk to expect
+        _remember_target(data_dir, target)
     result.pruned = prune(target, keep, sweep=len(list_backups(target)) > keep)
     result.seconds = time.monotonic() - started
     log.info("backup %s: %d instances, %d copied (%.1f MB), %d already in the pool, %.2f s", backup_id,

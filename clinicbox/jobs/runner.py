@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -152,8 +153,11 @@ def open_jobs(archive: Archive) -> None:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def run_job(name: str, config: Config, archive: Archive, *, trigger: str = "manual") -> dict:
-    """Run one job now and record it; returns the run's record (outcome ok / failed / skipped)."""
+def run_job(name: str, config: Config, archive: Archive, *, trigger: str = "manual",
+            stop: threading.Event | None = None) -> dict:
+    """Run one job now and record it; returns the run's record (outcome ok, problems (it ran and found
+    trouble), failed or skipped).  While another job runs it waits; ``stop`` set meanwhile (the service
+    shutting down) gives up, recorded as skipped."""
     job = JOBS.get(name)
     if job is None:
         raise KeyError(f"no job {name!r} (jobs: {', '.join(JOBS)})")
@@ -164,12 +168,23 @@ def run_job(name: str, config: Config, archive: Archive, *, trigger: str = "manu
         except BlockingIOError:
             return record_skipped(archive, name, trigger, "the previous run is still going")
         with open(config.data_dir / ALL_JOBS_LOCK, "a") as all_jobs:
-            try:
-                fcntl.flock(all_jobs, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("job %s (%s) waits: another job is running", name, trigger)
-                fcntl.flock(all_jobs, fcntl.LOCK_EX)
-            return _run_locked(job, config, archive, trigger)
+            waited = False
+            while True:
+                try:
+                    fcntl.flock(all_jobs, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not waited:
+                        log.info("job %s (%s) waits: another job is running", name, trigger)
+                        waited = True
+                    if stop is not None and stop.wait(0.5):
+                        return record_skipped(archive, name, trigger, "the service stopped while another job ran")
+                    if stop is None:
+                        time.sleep(0.5)
+            # start-up repair of a service starting meanwhile leaves objects/ and the index alone while a
+            # job changes them (else it would index again the files of a study retention is deleting)
+            with archive.importing():
+                return _run_locked(job, config, archive, trigger)
 
 
 def _run_locked(job: Job, config: Config, archive: Archive, trigger: str) -> dict:
@@ -228,7 +243,7 @@ def last_ok(archive: Archive, job: str, outcomes: tuple[str, ...] = ("ok",)) -> 
     """The job's newest run with one of ``outcomes`` (default: ok), or None."""
     marks = ",".join("?" * len(outcomes))
     row = archive.index.conn.execute(
-        f"SELECT started_at, ended_at, outcome, figures FROM job_runs WHERE job=? AND outcome IN ({marks})"
+        f"SELECT started_at, ended_at, outcome, figures, error FROM job_runs WHERE job=? AND outcome IN ({marks})"
         " ORDER BY id DESC LIMIT 1", (job, *outcomes)).fetchone()
     return dict(row) if row else None
 
@@ -252,19 +267,21 @@ def jobs_table(config: Config, archive: Archive) -> list[dict]:
 
 
 def _latest_failure(archive: Archive, job: str) -> dict | None:
-    """The job's newest run when it failed ({at, error}), else None."""
-    latest = history(archive, job, 1)
-    if latest and latest[0]["outcome"] == "failed":
-        return {"at": latest[0]["started_at"], "error": latest[0]["error"]}
+    """The job's newest run that ended (runs skipped or still going do not count) when it failed:
+    {at, error}; else None."""
+    latest = last_ok(archive, job, (*FINISHED, "failed"))
+    if latest and latest["outcome"] == "failed":
+        return {"at": latest["started_at"], "error": latest["error"]}
     return None
 
 
 def overview(config: Config, archive: Archive) -> dict:
     """What ``clinicbox status`` and the console's first screen show: disk guard, counts, backups.
 
-    ``last_backup`` and ``last_verified_restore`` are the newest runs that succeeded;
-    ``backup_failed`` and ``restore_test_failed`` the newest run when it failed after that (a backup
-    that no longer runs or restores must not hide behind an older success).
+    ``last_backup`` is the newest backup that ran to its end (ok, or with problems: files left out),
+    ``last_verified_restore`` the newest restore test that passed; ``backup_failed`` and
+    ``restore_test_failed`` the newest finished run when it failed (a backup that no longer runs or
+    restores must not hide behind an older success).
     """
     state, free = archive.disk_state()
     verified = last_ok(archive, "restore-test")

@@ -10,6 +10,7 @@ is still going is recorded as ``skipped`` like any other.
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import datetime
 
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES
@@ -98,6 +99,7 @@ class Scheduler:
         self.config = config
         self.archive = archive
         self._scheduler = BackgroundScheduler(timezone=config.jobs.timezone or None)
+        self._stopping = threading.Event()  # a run waiting for another job's end gives up on it
         self._scheduler.add_listener(self._dropped, EVENT_JOB_MAX_INSTANCES)
 
     def start(self) -> None:
@@ -130,8 +132,9 @@ class Scheduler:
             record_skipped(self.archive, name, "schedule", "the previous run is still going")
 
     def _run(self, name: str, trigger: str) -> None:
-        run_job(name, self.config, self.archive, trigger=trigger)
+        run_job(name, self.config, self.archive, trigger=trigger, stop=self._stopping)
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)
