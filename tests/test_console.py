@@ -143,6 +143,12 @@ def _outcome_cell(app, row: int) -> str:
     return str(app.query_one("#jobs").get_row_at(row)[3])
 
 
+async def press_run_on_scrub(pilot) -> None:
+    for _ in range(SCRUB_ROW):
+        await pilot.press("down")
+    await pilot.press("r")
+
+
 async def until_closed(pilot, app, timeout: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
@@ -157,9 +163,7 @@ async def test_quit_while_a_job_runs_waits_for_it(tmp_path, monkeypatch):
     release, started = _slow_scrub(monkeypatch)
     app = make_console(config, refresh_seconds=0)
     async with app.run_test(size=SIZE) as pilot:
-        for _ in range(SCRUB_ROW):
-            await pilot.press("down")
-        await pilot.press("r")
+        await press_run_on_scrub(pilot)
         assert await asyncio.to_thread(started.wait, 10)
         await pilot.press("r")  # a second press does not start a second run
         await pilot.press("f5")
@@ -183,9 +187,7 @@ async def test_a_job_waiting_for_another_shows_waiting_and_quit_twice_closes(tmp
         other = open(app.config.data_dir / "jobs.lock", "a")
         fcntl.flock(other, fcntl.LOCK_EX)  # another process's job is running
         try:
-            for _ in range(SCRUB_ROW):
-                await pilot.press("down")
-            await pilot.press("r")
+            await press_run_on_scrub(pilot)
             await pilot.pause(0.3)
             await pilot.press("f5")
             assert _outcome_cell(app, SCRUB_ROW) == "waiting…" and not started.is_set()
