@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -14,7 +13,7 @@ from clinicbox.core import config as cfg
 from clinicbox.archive.index import CHARSETS, DEVICE_ROLES, INTAKE_MODES
 from clinicbox.core.logging import setup_logging
 from clinicbox.cli import jobs, printing, reconcile, worklist
-from clinicbox.cli.common import EXIT_CONFIG, _common, _load_config, _open_archive
+from clinicbox.cli.common import EXIT_CONFIG, _common, _load_config, _open_archive, print_rows
 
 
 class _Ignored:
@@ -169,20 +168,13 @@ def cmd_studies(args, config: cfg.Config) -> int:
         rows = archive.index.studies(patient_id=args.patient_id)
     finally:
         archive.close()
-    if args.json:
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
-        return 0
-    if not rows:
-        print("no studies")
-        return 0
     cols = [("patient_id", "Patient ID", 14), ("patient_name", "Name", 24), ("study_date", "Date", 8),
             ("modalities_in_study", "Mod", 6), ("num_series", "Ser", 4), ("num_instances", "Inst", 6),
             ("accession_number", "Accession", 12), ("study_description", "Description", 30),
             ("documents", "Documents", 40)]
-    print("  ".join(title.ljust(w) for _k, title, w in cols))
-    for r in rows:
-        print("  ".join(str(r[k] if r[k] is not None else "")[:w].ljust(w) for k, _t, w in cols))
-    return 0
+    return print_rows(rows, as_json=args.json, empty="no studies",
+                      header="  ".join(title.ljust(w) for _k, title, w in cols),
+                      line=lambda r: "  ".join(str(r[k] if r[k] is not None else "")[:w].ljust(w) for k, _t, w in cols))
 
 
 def cmd_devices_add(args, config: cfg.Config) -> int:
@@ -210,17 +202,10 @@ def cmd_devices_list(args, config: cfg.Config) -> int:
         rows = archive.index.devices()
     finally:
         archive.close()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print("no devices")
-        return 0
-    print(f"{'Name':16}  {'AE title':16}  {'Host':16}  {'Port':5}  {'Role':11}  Last seen")
-    for r in rows:
-        print(f"{r['name'] or '-':16}  {r['ae_title']:16}  {r['host']:16}  {r['port'] or '':<5}  "
-              f"{r['role']:11}  {r['last_seen']}")
-    return 0
+    return print_rows(rows, as_json=args.json, empty="no devices",
+                      header=f"{'Name':16}  {'AE title':16}  {'Host':16}  {'Port':5}  {'Role':11}  Last seen",
+                      line=lambda r: f"{r['name'] or '-':16}  {r['ae_title']:16}  {r['host']:16}  {r['port'] or '':<5}  "
+                                     f"{r['role']:11}  {r['last_seen']}")
 
 
 def cmd_devices_remove(args, config: cfg.Config) -> int:

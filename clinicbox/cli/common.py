@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from typing import Callable, Iterable
 from pathlib import Path  # noqa: F401  (used by the subcommand modules' type hints)
 
 from clinicbox.core import config as cfg
@@ -40,3 +42,21 @@ def _who(args) -> str:
         return os.environ.get("SUDO_USER") or getpass.getuser()
     except Exception:
         return "cli"
+
+
+def print_rows(rows: list, *, as_json: bool, empty: str, line: Callable[[dict], str | Iterable[str]],
+               header: str = "", json_rows: list | None = None) -> int:
+    """A list command's output: the rows as JSON (``json_rows`` when they differ from ``rows``), else one
+    line saying there is nothing, else ``header`` and each row's line (or lines); exit status 0."""
+    if as_json:
+        print(json.dumps(rows if json_rows is None else json_rows, indent=2, ensure_ascii=False))
+        return 0
+    if not rows:
+        print(empty)
+        return 0
+    if header:
+        print(header)
+    for row in rows:
+        out = line(row)
+        print(out if isinstance(out, str) else "\n".join(out))
+    return 0

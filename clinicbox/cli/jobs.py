@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from clinicbox.cli.common import EXIT_CONFIG, _common, _open_archive, _who
+from clinicbox.cli.common import EXIT_CONFIG, _common, _open_archive, _who, print_rows
 from clinicbox.core import config as cfg
 
 
@@ -176,15 +176,9 @@ def cmd_backup_list(args, config: cfg.Config) -> int:
     from clinicbox.jobs.backup import list_backups
 
     rows = list_backups(_backup_target(config, args.to))
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print("no backups")
-    for b in rows:
-        print(f"{b['id']}  {b['created']}  {b['instances']} instances, {b['studies']} studies, "
-              f"{(b['bytes'] or 0) / 1e6:.1f} MB")
-    return 0
+    return print_rows(rows, as_json=args.json, empty="no backups",
+                      line=lambda b: f"{b['id']}  {b['created']}  {b['instances']} instances, {b['studies']} studies, "
+                                     f"{(b['bytes'] or 0) / 1e6:.1f} MB")
 
 
 def cmd_backup_verify(args, config: cfg.Config) -> int:

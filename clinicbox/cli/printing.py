@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from clinicbox.cli.common import _common, _open_archive, _who
+from clinicbox.cli.common import _common, _open_archive, _who, print_rows
 from clinicbox.core import config as cfg
 
 
@@ -49,19 +49,16 @@ def cmd_jobs(args, config: cfg.Config) -> int:
         jobs = relay.jobs(args.limit)
     finally:
         archive.close()
-    if args.json:
-        print(json.dumps(jobs, indent=2, ensure_ascii=False))
-        return 0
-    if not jobs:
-        print("no print jobs")
-        return 0
-    print(f"{'ID':>5}  {'Received':16}  {'From':12}  {'Status':8}  {'Tries':>5}  {'Patient':20}  Outputs / last error")
-    for j in jobs:
+
+    def line(j):
         who = (j["patient_name"] or "").replace("^", " ") or "(unknown)"
-        print(f"{j['id']:>5}  {j['created_at'][:16]:16}  {j['calling_ae'][:12]:12}  {j['status']:8}  "
-              f"{j['attempts']:>5}  {who[:20]:20}  {j['outputs'] or 'PDF only'}"
-              f"{'  -- ' + j['last_error'] if j['last_error'] else ''}")
-    return 0
+        return (f"{j['id']:>5}  {j['created_at'][:16]:16}  {j['calling_ae'][:12]:12}  {j['status']:8}  "
+                f"{j['attempts']:>5}  {who[:20]:20}  {j['outputs'] or 'PDF only'}"
+                f"{'  -- ' + j['last_error'] if j['last_error'] else ''}")
+
+    return print_rows(jobs, as_json=args.json, empty="no print jobs", line=line,
+                      header=f"{'ID':>5}  {'Received':16}  {'From':12}  {'Status':8}  {'Tries':>5}  {'Patient':20}  "
+                             "Outputs / last error")
 
 
 def cmd_show(args, config: cfg.Config) -> int:

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from clinicbox.cli.common import _common, _open_archive, _who
+from clinicbox.cli.common import _common, _open_archive, _who, print_rows
 from clinicbox.core import config as cfg
 from clinicbox.reconcile import schema
 
@@ -95,19 +95,13 @@ def cmd_list(args, config: cfg.Config) -> int:
     items = _run(args, config, lambda rec: rec.items(None if args.status == "all" else args.status))
     if items is None:
         return 1
-    if args.json:
-        print(json.dumps(items, indent=2, ensure_ascii=False))
-        return 0
-    if not items:
-        print("nothing waiting" if args.status == schema.HELD else "no items")
-        return 0
-    print(f"{'ID':>4}  {'Status':11}  {'Kind':11}  {'Received':16}  {'From':12}  {'Patient ID':12}  {'Name':20}  "
-          f"{'Obj':>4}  Why")
-    for it in items:
-        print(f"{it['id']:>4}  {it['status']:11}  {it['kind']:11}  {it['created_at'][:16]:16}  {it['calling_ae'][:12]:12}"
-              f"  {it['patient_id'][:12]:12}  {it['patient_name'][:20]:20}  {it['held'] or it['released']:>4}  "
-              f"{it['reasons'][0] if it['reasons'] else ''}")
-    return 0
+    return print_rows(
+        items, as_json=args.json, empty="nothing waiting" if args.status == schema.HELD else "no items",
+        header=f"{'ID':>4}  {'Status':11}  {'Kind':11}  {'Received':16}  {'From':12}  {'Patient ID':12}  {'Name':20}  "
+               f"{'Obj':>4}  Why",
+        line=lambda it: f"{it['id']:>4}  {it['status']:11}  {it['kind']:11}  {it['created_at'][:16]:16}  "
+                        f"{it['calling_ae'][:12]:12}  {it['patient_id'][:12]:12}  {it['patient_name'][:20]:20}  "
+                        f"{it['held'] or it['released']:>4}  {it['reasons'][0] if it['reasons'] else ''}")
 
 
 def cmd_show(args, config: cfg.Config) -> int:
@@ -176,17 +170,10 @@ def cmd_documents_list(args, config: cfg.Config) -> int:
         rows = list_documents(archive.index.conn, args.patient_id)
     finally:
         archive.close()
-    if args.json:
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
-        return 0
-    if not rows:
-        print("no documents")
-        return 0
-    print(f"{'Patient ID':12}  {'Name':20}  {'Date':8}  {'Kind':6}  {'Title':30}  SOP Instance UID")
-    for r in rows:
-        print(f"{r['patient_id'][:12]:12}  {r['patient_name'][:20]:20}  {r['date'][:8]:8}  {r['kind']:6}  "
-              f"{r['title'][:30]:30}  {r['sop_instance_uid']}")
-    return 0
+    return print_rows(rows, as_json=args.json, empty="no documents",
+                      header=f"{'Patient ID':12}  {'Name':20}  {'Date':8}  {'Kind':6}  {'Title':30}  SOP Instance UID",
+                      line=lambda r: f"{r['patient_id'][:12]:12}  {r['patient_name'][:20]:20}  {r['date'][:8]:8}  "
+                                     f"{r['kind']:6}  {r['title'][:30]:30}  {r['sop_instance_uid']}")
 
 
 def cmd_documents_export(args, config: cfg.Config) -> int:

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from clinicbox.cli.common import EXIT_CONFIG, _common, _open_archive, _who
+from clinicbox.cli.common import EXIT_CONFIG, _common, _open_archive, _who, print_rows
 from clinicbox.core import config as cfg
 
 
@@ -190,20 +190,13 @@ def cmd_worklist_list(args, config: cfg.Config) -> int:
         return 1
     finally:
         book.archive.close()
-    if args.json:
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
-        return 0
-    if not rows:
-        print("no orders" + (f" on {args.date}" if date else ""))
-        return 0
-    print(f"{'When':16}  {'Mod':4}  {'Station':10}  {'Accession':12}  {'Patient ID':12}  {'Name':22}  "
-          f"{'Status':12}  {'Images':6}  Procedure")
-    for r in rows:
-        for s in r["steps"]:
-            print(f"{_when(s):16}  {s['modality']:4}  {s['station_ae_titles'][:10]:10}  {r['accession_number']:12}  "
-                  f"{r['patient_id'][:12]:12}  {r['patient_name'][:22]:22}  {r['status']:12}  {r['images']:<6}  "
-                  f"{(s['description'] or r['requested_procedure_description'])[:30]}")
-    return 0
+    return print_rows(
+        rows, as_json=args.json, empty="no orders" + (f" on {args.date}" if date else ""),
+        header=f"{'When':16}  {'Mod':4}  {'Station':10}  {'Accession':12}  {'Patient ID':12}  {'Name':22}  "
+               f"{'Status':12}  {'Images':6}  Procedure",
+        line=lambda r: [f"{_when(s):16}  {s['modality']:4}  {s['station_ae_titles'][:10]:10}  {r['accession_number']:12}  "
+                        f"{r['patient_id'][:12]:12}  {r['patient_name'][:22]:22}  {r['status']:12}  {r['images']:<6}  "
+                        f"{(s['description'] or r['requested_procedure_description'])[:30]}" for s in r["steps"]])
 
 
 def cmd_worklist_show(args, config: cfg.Config) -> int:
@@ -277,19 +270,15 @@ def cmd_worklist_performed(args, config: cfg.Config) -> int:
         rows = book.performed(unscheduled_only=args.unscheduled)
     finally:
         book.archive.close()
-    if args.json:
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
-        return 0
-    if not rows:
-        print("no performed procedure steps")
-        return 0
-    print(f"{'Started':16}  {'Station':12}  {'Mod':4}  {'Status':12}  {'Order':12}  {'Patient ID':12}  Images")
-    for r in rows:
+    def line(r):
         d, t = r["start_date"], r["start_time"]
         started = f"{d[:4]}-{d[4:6]}-{d[6:8]} {t[:2]}:{t[2:4]}" if len(d) == 8 else d
-        print(f"{started:16}  {r['performed_station_ae'][:12]:12}  {r['modality']:4}  {r['status']:12}  "
-              f"{(r['order_accession'] or 'UNSCHEDULED')[:12]:12}  {r['patient_id'][:12]:12}  {r['image_count']}")
-    return 0
+        return (f"{started:16}  {r['performed_station_ae'][:12]:12}  {r['modality']:4}  {r['status']:12}  "
+                f"{(r['order_accession'] or 'UNSCHEDULED')[:12]:12}  {r['patient_id'][:12]:12}  {r['image_count']}")
+
+    return print_rows(rows, as_json=args.json, empty="no performed procedure steps", line=line,
+                      header=f"{'Started':16}  {'Station':12}  {'Mod':4}  {'Status':12}  {'Order':12}  "
+                             f"{'Patient ID':12}  Images")
 
 
 def cmd_worklist_queries(args, config: cfg.Config) -> int:
@@ -298,12 +287,6 @@ def cmd_worklist_queries(args, config: cfg.Config) -> int:
         rows = book.last_queries()
     finally:
         book.archive.close()
-    if args.json:
-        print(json.dumps([{**r, "identifier": json.loads(r["identifier"])} for r in rows], indent=2))
-        return 0
-    if not rows:
-        print("no worklist queries yet")
-        return 0
-    for r in rows:
-        print(f"{r['at']}  {r['ae_title']:16}  {r['host']:15}  {r['answers']} item(s)  {r['status']}")
-    return 0
+    return print_rows(rows, as_json=args.json, empty="no worklist queries yet",
+                      json_rows=[{**r, "identifier": json.loads(r["identifier"])} for r in rows],
+                      line=lambda r: f"{r['at']}  {r['ae_title']:16}  {r['host']:15}  {r['answers']} item(s)  {r['status']}")
