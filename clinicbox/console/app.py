@@ -87,8 +87,7 @@ class ClinicBoxConsole(App):
         self.refresh_seconds = refresh_seconds
         self.archive: Archive | None = archive
         self.running: dict[str, threading.Thread] = {}
-        self._quit_when_idle = False
-        self._quit_asked = False
+        self._quit_asked = False  # quit pressed while a job ran: close when it ends (or at a second press)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -200,13 +199,13 @@ class ClinicBoxConsole(App):
         else:
             self.notify(f"{message.name} {run['outcome']}: {run.get('error', '')}", severity="error", timeout=30)
         self.refresh_data()
-        if self._quit_when_idle and not self.running:
+        if self._quit_asked and not self.running:
             self.exit()
 
     async def action_quit(self) -> None:
         if self.running and not self._quit_asked:
             names = ", ".join(self.running)
-            self._quit_when_idle = self._quit_asked = True
+            self._quit_asked = True
             self.notify(f"{names} still running: the console closes when it ends (q again: close now, the run "
                         "goes on and the command returns when it ends)", severity="warning", timeout=30)
             return

@@ -70,6 +70,11 @@ SOURCE_DAMAGED = "content differs from the checksum taken at ingest"
 SOURCE_UNREADABLE = "not a readable DICOM file: "
 
 
+def _at_source(error: str) -> bool:
+    """Whether a copy failed because of the stored file itself (vanished, damaged, unreadable)."""
+    return error in (SOURCE_MISSING, SOURCE_DAMAGED) or error.startswith(SOURCE_UNREADABLE)
+
+
 class BackupError(Exception):
     """The backup could not be made or checked; the message says why in one line."""
 
@@ -341,12 +346,12 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
             else:
                 result.copied += 1
                 result.copied_bytes += nbytes
-    failed_here = [p for p, e in errors if e in (SOURCE_MISSING, SOURCE_DAMAGED) or e.startswith(SOURCE_UNREADABLE)]
+    sha_of = {r[0]: r[2] for r in rows}
+    failed_here = [p for p, e in errors if _at_source(e)]
     if failed_here:
         # replaced or deleted after the snapshot (a re-send under duplicate_policy = replace, retention, a
         # release from the reconciliation queue): no longer part of the archive in this version, so not
         # part of this backup either; only what the live index still names as it was is damaged
-        sha_of = {r[0]: r[2] for r in rows}
         live = sqlite3.connect(f"file:{data_dir / INDEX_FILE}?mode=ro", uri=True, timeout=60)
         try:
             still_sql = objects_sql(live, "1", "path = ? AND sha256 = ?")
@@ -359,8 +364,8 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
             shutil.rmtree(bdir, ignore_errors=True)
             raise _Moved(f"{len(dropped)} object(s) moved to a new file since the snapshot")
         if dropped:
-            log.warning("backup %s: %d object(s) moved again while copying: left out of this backup, the next "
-                        "one has them", backup_id, len(dropped))
+            log.warning("backup %s: %d object(s) replaced or deleted again while copying: left out of this backup, "
+                        "the next one has them", backup_id, len(dropped))
             snap = sqlite3.connect(bdir / INDEX_FILE)
             try:
                 with snap:
@@ -377,12 +382,8 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
             rows = [r for r in rows if r[0] not in dropped]
             result.instances = len(rows)
             errors = [(p, e) for p, e in errors if p not in dropped]
-            log.info("backup %s: %d instance(s) replaced or deleted since the snapshot, left out", backup_id,
-                     len(dropped))
-    sha_of = {r[0]: r[2] for r in rows}
-    at_source = [(p, sha_of[p], "missing" if e == SOURCE_MISSING else "damaged") for p, e in errors
-                 if e in (SOURCE_MISSING, SOURCE_DAMAGED) or e.startswith(SOURCE_UNREADABLE)]
-    errors = [(p, e) for p, e in errors if p not in {a[0] for a in at_source}]
+    at_source = [(p, sha_of[p], "missing" if e == SOURCE_MISSING else "damaged") for p, e in errors if _at_source(e)]
+    errors = [(p, e) for p, e in errors if not _at_source(e)]
     if errors:
         full = any("No space" in e for _p, e in errors)
         shutil.rmtree(bdir, ignore_errors=True)
