@@ -331,14 +331,22 @@ def test_stream_of_malformed_pdus_keeps_memory_flat_and_service_up(server, echos
     assert subprocess.run([echoscu, "-aec", "CLINICBOX", "127.0.0.1", str(server.port)]).returncode == 0
 
 
+def _guarded_box(tmp_path, *, warning_over: int, critical_over: int | None) -> tuple[ClinicBox, Path]:
+    """A started ClinicBox whose disk guard thresholds sit this many MB above the disk's free space
+    (critical_over None: critical at 1 MB, i.e. not reached)."""
+    free_mb = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize // (1024 * 1024)
+    critical = 1 if critical_over is None else free_mb + critical_over
+    config = tmp_path / "guard.toml"
+    config.write_text(f"[storage]\nmin_free_warning_mb = {free_mb + warning_over}\nmin_free_critical_mb = {critical}\n")
+    box = ClinicBox(tmp_path / "data", config=config)
+    box.start()
+    return box, config
+
+
 def test_disk_guard_refuses_stores_below_the_critical_threshold(tmp_path, storescu):
     """Below storage.min_free_critical_mb every store is refused with 0xA700 and no file is left behind
     (the object is received into incoming/, then refused and removed, never placed or indexed)."""
-    free_mb = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize // (1024 * 1024)
-    config = tmp_path / "guard.toml"
-    config.write_text(f"[storage]\nmin_free_warning_mb = {free_mb + 20000}\nmin_free_critical_mb = {free_mb + 10000}\n")
-    box = ClinicBox(tmp_path / "data", config=config)
-    box.start()
+    box, config = _guarded_box(tmp_path, warning_over=20000, critical_over=10000)
     try:
         files = write_ct_series(tmp_path / "s", 3, rows=16, cols=16)
         r = subprocess.run([storescu, "-v", "-nh", "-aec", "CLINICBOX", "127.0.0.1", str(box.port),
@@ -355,11 +363,7 @@ def test_disk_guard_refuses_stores_below_the_critical_threshold(tmp_path, stores
 
 
 def test_disk_guard_warning_still_stores_and_says_so(tmp_path, storescu):
-    free_mb = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize // (1024 * 1024)
-    config = tmp_path / "warn.toml"
-    config.write_text(f"[storage]\nmin_free_warning_mb = {free_mb + 20000}\nmin_free_critical_mb = 1\n")
-    box = ClinicBox(tmp_path / "data", config=config)
-    box.start()
+    box, config = _guarded_box(tmp_path, warning_over=20000, critical_over=None)
     try:
         files = write_ct_series(tmp_path / "s", 2, rows=16, cols=16)
         r = subprocess.run([storescu, "-aec", "CLINICBOX", "127.0.0.1", str(box.port), *map(str, files)],

@@ -26,7 +26,7 @@ from clinicbox.core.config import BackupSettings, Config, StorageSettings
 from clinicbox.jobs import backup as bk
 from clinicbox.jobs.backup import BackupError, list_backups, prune, run_backup
 from clinicbox.jobs.restore import restore, verify_backup
-from clinicbox.jobs.runner import history, last_ok, open_jobs, run_job
+from clinicbox.jobs.runner import history, last_run, open_jobs, run_job
 from tests.support.peers import REPO, ClinicBox, dcmtk
 from tests.support.synth import ORG_ROOT, ct_dataset, write_ct_series
 
@@ -282,8 +282,8 @@ def test_run_job_records_ok_failed_and_skipped_runs(archive, tmp_path):
     assert runs[1]["error"] == failed["error"]
     assert runs[2]["figures"]["backup"] == ok["figures"]["backup"]
     assert all(r["ended_at"] and r["ended_at"] >= r["started_at"] for r in runs)
-    assert last_ok(archive, "backup")["started_at"] == ok["started_at"]
-    assert last_ok(archive, "restore-test") is not None
+    assert last_run(archive, "backup")["started_at"] == ok["started_at"]
+    assert last_run(archive, "restore-test") is not None
     assert [r["job"] for r in history(archive)] == ["restore-test", "backup", "backup", "backup"]
     with pytest.raises(KeyError):
         run_job("defrag", config, archive)

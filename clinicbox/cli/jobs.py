@@ -77,11 +77,9 @@ def add_parsers(sub) -> None:
 
 
 def _open_jobs(config: cfg.Config):
-    from clinicbox.jobs.runner import open_jobs
+    from clinicbox.jobs.runner import open_archive
 
-    archive = _open_archive(config)
-    open_jobs(archive)
-    return archive
+    return open_archive(config)
 
 
 def _with_target(config: cfg.Config, target: str | None) -> cfg.Config:
@@ -129,12 +127,12 @@ def cmd_jobs_run(args, config: cfg.Config) -> int:
 
 
 def cmd_jobs_history(args, config: cfg.Config) -> int:
-    from clinicbox.jobs.runner import history, last_ok
+    from clinicbox.jobs.runner import history, last_run
 
     archive = _open_jobs(config)
     try:
         rows = history(archive, args.job)
-        verified = last_ok(archive, "restore-test")
+        verified = last_run(archive, "restore-test")
     finally:
         archive.close()
     if args.json:

@@ -102,7 +102,7 @@ class ClinicBoxConsole(App):
     def on_mount(self) -> None:
         self.sub_title = str(self.config.data_dir)
         if self.archive is None:
-            self.archive = open_archive(self.config)
+            self.archive = runner.open_archive(self.config)
         self.query_one("#jobs", DataTable).add_columns("Job", "Schedule", "Last run", "Outcome", "What it does")
         self.query_one("#history", DataTable).add_columns("Started", "Job", "Trigger", "Outcome", "Details")
         self.refresh_data()
@@ -212,18 +212,6 @@ class ClinicBoxConsole(App):
         self.exit()
 
 
-def open_archive(config: Config) -> Archive:
-    """The archive (and the jobs room's tables) the console reads and acts on."""
-    archive = Archive(config.storage)
-    archive.open()
-    try:
-        runner.open_jobs(archive)
-    except BaseException:
-        archive.close()
-        raise
-    return archive
-
-
 def make_console(config: Config, **kwargs) -> ClinicBoxConsole:
     """The console for ``config`` (the CLI and the tests build it here)."""
     return ClinicBoxConsole(config, **kwargs)
@@ -245,7 +233,7 @@ class _Held(logging.Handler):
 
 def run(config: Config) -> int:
     try:  # before the screen is taken: a data dir this user may not open is one clear line
-        archive = open_archive(config)
+        archive = runner.open_archive(config)
     except (OSError, sqlite3.Error) as exc:
         print(f"clinicbox: cannot open the data dir {config.data_dir}: {exc}", file=sys.stderr)
         return 1

@@ -52,6 +52,17 @@ def has_held(conn: sqlite3.Connection) -> bool:
     return conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'held_objects'").fetchone() is not None
 
 
+def set_states(db: Path, states: list[tuple[str, str, str]]) -> None:
+    """In a snapshot or restored index: (state, path, sha256) for the objects named, indexed or held."""
+    conn = sqlite3.connect(db)
+    try:
+        with conn:
+            for table in ("instances", "held_objects") if has_held(conn) else ("instances",):
+                conn.executemany(f"UPDATE {table} SET state=? WHERE path=? AND sha256=?", states)
+    finally:
+        conn.close()
+
+
 def objects_sql(conn: sqlite3.Connection, columns: str = "path, size, sha256", where: str = "state = 'ok'") -> str:
     """The stored objects of an index: its instances and (since archive migration 0005) held objects."""
     sql = f"SELECT {columns} FROM instances WHERE {where}"
@@ -402,14 +413,7 @@ def _run_backup(data_dir: Path, target: Path, *, keep: int, workers: int, moved_
         log.error("backup %s: %d stored file(s) damaged or missing at the source, left out (e.g. %s: %s); "
                   "the scrub repairs them from an earlier backup", backup_id, len(at_source), at_source[0][0],
                   at_source[0][2])
-        snap = sqlite3.connect(bdir / INDEX_FILE)
-        try:
-            with snap:
-                for table in ("instances", "held_objects") if has_held(snap) else ("instances",):
-                    snap.executemany(f"UPDATE {table} SET state=? WHERE path=? AND sha256=?",
-                                     [(state, p, h) for p, h, state in at_source])
-        finally:
-            snap.close()
+        set_states(bdir / INDEX_FILE, [(state, p, h) for p, h, state in at_source])
         left_out = {a[0] for a in at_source}
         rows = [r for r in rows if r[0] not in left_out]
         result.instances = len(rows)

@@ -20,10 +20,10 @@ from clinicbox.jobs.backup import (
     backup_root,
     digest_copy,
     find_backup,
-    has_held,
     objects_sql,
     pool_file,
     read_manifest,
+    set_states,
 )
 
 
@@ -83,26 +83,11 @@ def restore(target: Path, backup: str | None, new_data_dir: Path) -> dict:
             bad.append((o["path"], o["sha256"], "checksum differs"))
         elif "carried" in o:
             carried.append((o["path"], o["sha256"]))
-    if carried:
-        # damaged or missing when the backup was made, and an intact earlier copy restored in their place
-        conn = sqlite3.connect(new / INDEX_FILE)
-        try:
-            with conn:
-                for table in ("instances", "held_objects") if has_held(conn) else ("instances",):
-                    conn.executemany(f"UPDATE {table} SET state='ok' WHERE path=? AND sha256=?", carried)
-        finally:
-            conn.close()
-    if bad:
-        # the restored archive says which objects it lacks (the scrub reports them, status counts them)
-        # rather than pointing at files that are not there or not what was stored
-        conn = sqlite3.connect(new / INDEX_FILE)
-        try:
-            with conn:
-                for table in ("instances", "held_objects") if has_held(conn) else ("instances",):
-                    conn.executemany(f"UPDATE {table} SET state='missing' WHERE path=? AND sha256=?",
-                                     [(p, h) for p, h, _e in bad])
-        finally:
-            conn.close()
+    if carried or bad:
+        # copies carried from an earlier backup (damaged or missing when it was made) restored intact are
+        # ok; the objects it could not restore are marked missing (the scrub reports them, status counts
+        # them) rather than pointing at files that are not there or not what was stored
+        set_states(new / INDEX_FILE, [("ok", p, h) for p, h in carried] + [("missing", p, h) for p, h, _e in bad])
     os.sync()
     result = {"backup": manifest["id"], "data_dir": str(new), "instances": len(manifest["objects"]),
               "restored": len(manifest["objects"]) - len(bad), "problems": [f"{p}: {e}" for p, _h, e in bad[:50]],

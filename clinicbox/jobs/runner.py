@@ -153,6 +153,18 @@ def open_jobs(archive: Archive) -> None:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def open_archive(config: Config) -> Archive:
+    """The archive of ``config`` opened with the jobs room's tables, for the CLI and the console."""
+    archive = Archive(config.storage)
+    archive.open()
+    try:
+        open_jobs(archive)
+    except BaseException:
+        archive.close()
+        raise
+    return archive
+
+
 def run_job(name: str, config: Config, archive: Archive, *, trigger: str = "manual",
             stop: threading.Event | None = None) -> dict:
     """Run one job now and record it; returns the run's record (outcome ok, problems (it ran and found
@@ -239,7 +251,7 @@ def history(archive: Archive, job: str | None = None, limit: int = 50) -> list[d
     return [dict(r) | {"figures": json.loads(r["figures"] or "{}")} for r in rows]
 
 
-def last_ok(archive: Archive, job: str, outcomes: tuple[str, ...] = ("ok",)) -> dict | None:
+def last_run(archive: Archive, job: str, outcomes: tuple[str, ...] = ("ok",)) -> dict | None:
     """The job's newest run with one of ``outcomes`` (default: ok), or None."""
     marks = ",".join("?" * len(outcomes))
     row = archive.index.conn.execute(
@@ -269,7 +281,7 @@ def jobs_table(config: Config, archive: Archive) -> list[dict]:
 def _latest_failure(archive: Archive, job: str) -> dict | None:
     """The job's newest run that ended (runs skipped or still going do not count) when it failed:
     {at, error}; else None."""
-    latest = last_ok(archive, job, (*FINISHED, "failed"))
+    latest = last_run(archive, job, (*FINISHED, "failed"))
     if latest and latest["outcome"] == "failed":
         return {"at": latest["started_at"], "error": latest["error"]}
     return None
@@ -284,8 +296,8 @@ def overview(config: Config, archive: Archive) -> dict:
     restores must not hide behind an older success).
     """
     state, free = archive.disk_state()
-    verified = last_ok(archive, "restore-test")
-    backup_run = last_ok(archive, "backup", FINISHED)
+    verified = last_run(archive, "restore-test")
+    backup_run = last_run(archive, "backup", FINISHED)
     return {
         "data_dir": str(config.data_dir),
         "disk": {"state": state, "free_mb": free // (1024 * 1024),

@@ -19,7 +19,7 @@ from apscheduler.triggers.cron import CronTrigger
 
 from clinicbox.archive.ingest import Archive
 from clinicbox.core.config import Config, ConfigError
-from clinicbox.jobs.runner import FINISHED, JOBS, last_ok, record_skipped, run_job
+from clinicbox.jobs.runner import FINISHED, JOBS, last_run, record_skipped, run_job
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class Scheduler:
         now = datetime.now(self._scheduler.timezone)
         for name, expression in plan.items():
             previous = _previous_fire(triggers[name], now)
-            done = last_ok(self.archive, name, FINISHED)  # a failed run is tried again at start
+            done = last_run(self.archive, name, FINISHED)  # a failed run is tried again at start
             if previous is not None and (done is None or datetime.fromisoformat(done["started_at"]) < previous):
                 log.info("job %s missed its run of %s (box off?): running it now", name, previous)
                 self._scheduler.add_job(self._run, args=[name, "missed"], id=f"{name}-missed", max_instances=1)
